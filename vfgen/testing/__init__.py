@@ -1,0 +1,1 @@
+"""Test helpers that users may run too (the stand-in vLLM server)."""
