@@ -1,0 +1,278 @@
+"""The `vfgen` command line: options only; every command calls into the core modules.
+
+Domain errors (VfgenError) become one red `Error:` line and exit 1; usage
+errors (unknown option, a number that is not a number) exit 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from vfgen import __version__
+from vfgen.errors import VfgenError
+
+app = typer.Typer(
+    help="Render systemd units or a supervisord conf for N vLLM instances per model, plus a stock-nginx dispatcher.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+health_app = typer.Typer(help="Probe instances and the dispatcher; wait for health.", no_args_is_help=True)
+app.add_typer(health_app, name="health")
+
+_state = {"verbose": False}
+
+
+@app.callback()
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    if version:
+        typer.echo(f"vfgen {__version__}")
+        raise typer.Exit(0)
+    _state["verbose"] = verbose
+
+
+def _fail(exc: BaseException) -> None:
+    if _state["verbose"]:
+        raise exc
+    typer.secho(f"Error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+# --- deployment options shared by render, plan, health check and rollout ---------
+# Defaults are None here so that only values the user typed reach the config;
+# the defaults themselves live in vfgen.config (shown in the help texts).
+
+_P = inspect.Parameter
+_OPTS = typer.Option
+_DEPLOYMENT_PARAMS = [
+    ("model", Optional[str], typer.Argument(None, metavar="MODEL", help="Hugging Face id or local path of the model (or use -f).", show_default=False)),
+    ("vllm_args", Optional[List[str]], typer.Argument(None, metavar="[-- VLLM_ARGS...]", help="Arguments after -- go to every `vllm serve` unchanged.", show_default=False)),
+    ("file", Optional[Path], _OPTS(None, "--file", "-f", help="Deployment YAML file (several models).", dir_okay=False)),
+    ("name", Optional[str], _OPTS(None, help="Deployment name: prefix of units, upstreams, files. [default: vllm]")),
+    ("instances", Optional[int], _OPTS(None, "--instances", "-n", help="vLLM instances of the model. [default: 1]")),
+    ("max_batch_size", Optional[int], _OPTS(None, help="--max-num-seqs of each instance, and its concurrency cap in nginx. [default: 32]")),
+    ("port", Optional[int], _OPTS(None, help="Port clients connect to (nginx, or vLLM itself with one instance). [default: 8000]")),
+    ("port_start", Optional[int], _OPTS(None, help="First backend port; instances use consecutive ports. [default: 9100]")),
+    ("host", Optional[str], _OPTS(None, help="Address the backends bind to. [default: 127.0.0.1]")),
+    ("listen", Optional[str], _OPTS(None, help="Address the dispatcher binds to. [default: 127.0.0.1]")),
+    ("gpu_memory_utilization", Optional[str], _OPTS(None, help="Per-instance memory share, or auto = budget / instances on the GPU. [default: auto]")),
+    ("memory_budget", Optional[float], _OPTS(None, help="Share of each GPU all instances may use together. [default: 0.92]")),
+    ("cuda_devices", Optional[str], _OPTS(None, help="GPU ids for the instances, comma-separated; instances are spread round robin. [default: 0]")),
+    ("tensor_parallel_size", Optional[int], _OPTS(None, help="GPUs per instance. [default: 1]")),
+    ("enable_request_affinity", bool, _OPTS(False, "--enable-request-affinity", help="Send requests of the same JSON shape to the same backend while it has room.")),
+    ("max_queue", Optional[int], _OPTS(None, help="Requests each backend may hold beyond its cap; past that clients get 503 + Retry-After. [default: unbounded]")),
+    ("max_body_size", Optional[str], _OPTS(None, help="Largest request body, nginx size syntax. [default: 32m]")),
+    ("dtype", Optional[str], _OPTS(None, help="vLLM --dtype.")),
+    ("enforce_eager", bool, _OPTS(False, "--enforce-eager", help="vLLM --enforce-eager (no CUDA graphs).")),
+    ("io_processor_plugin", Optional[str], _OPTS(None, help="vLLM --io-processor-plugin.")),
+    ("max_model_len", Optional[int], _OPTS(None, help="vLLM --max-model-len.")),
+    ("served_model_name", Optional[List[str]], _OPTS(None, help="Name clients use (repeat for aliases). [default: MODEL]")),
+    ("vllm_bin", Optional[str], _OPTS(None, help="Path of the vllm executable. [default: vllm]")),
+    ("vfgen_bin", Optional[str], _OPTS(None, help="Path of this vfgen executable as the units should call it. [default: vfgen]")),
+    ("user", Optional[str], _OPTS(None, help="System user the instances run as. [default: vllm]")),
+    ("env", Optional[List[str]], _OPTS(None, "--env", "-e", help="KEY=VALUE for every instance (repeatable).")),
+    ("backend", Optional[str], _OPTS(None, help="Process manager: systemd or supervisord. [default: systemd]")),
+    ("start_timeout", Optional[int], _OPTS(None, help="Seconds an instance may take to become healthy. [default: 900]")),
+    ("shutdown_timeout", Optional[int], _OPTS(None, help="vLLM --shutdown-timeout: seconds in-flight requests get on stop. [default: 30]")),
+    ("read_timeout", Optional[int], _OPTS(None, help="nginx proxy_read_timeout in seconds. [default: 3600]")),
+    ("fail_timeout", Optional[int], _OPTS(None, help="Seconds nginx skips a failed backend. [default: 5]")),
+    ("lock_dir", Optional[str], _OPTS(None, help="Directory of the per-GPU start locks. [default: /run/vfgen/locks]")),
+    ("log_dir", Optional[str], _OPTS(None, help="supervisord log directory. [default: /var/log/vfgen]")),
+    ("upstream_host", Optional[List[str]], _OPTS(None, help="Address of a GPU host running the backends (repeat); renders a remote load balancer.")),
+]
+_GLOBAL_OPTIONS = {
+    "name": "name", "port": "port", "port_start": "port_start", "host": "host", "listen": "listen",
+    "memory_budget": "memory_budget", "max_queue": "max_queue", "max_body_size": "max_body_size",
+    "vllm_bin": "vllm_bin", "vfgen_bin": "vfgen_bin", "user": "user", "backend": "backend",
+    "lock_dir": "lock_dir", "log_dir": "log_dir", "upstream_host": "upstream_hosts",
+}
+_TIMEOUT_OPTIONS = {"start_timeout": "start", "shutdown_timeout": "shutdown", "read_timeout": "read", "fail_timeout": "fail"}
+_MODEL_OPTIONS = {
+    "instances": "instances", "max_batch_size": "max_batch_size", "gpu_memory_utilization": "gpu_memory_utilization",
+    "cuda_devices": "gpus", "tensor_parallel_size": "tensor_parallel_size", "dtype": "dtype",
+    "io_processor_plugin": "io_processor_plugin", "max_model_len": "max_model_len",
+    "served_model_name": "served_model_name", "vllm_args": "extra_args",
+}
+_MODEL_FLAGS = {"enable_request_affinity": "enable_request_affinity", "enforce_eager": "enforce_eager"}
+
+
+def load_deployment(opts: dict[str, Any]):
+    """Deployment from CLI options: a one-model file in memory, or -f plus global overrides."""
+    from vfgen import config
+
+    overrides: dict[str, Any] = {k2: opts[k] for k, k2 in _GLOBAL_OPTIONS.items() if opts[k] is not None}
+    timeouts = {k2: opts[k] for k, k2 in _TIMEOUT_OPTIONS.items() if opts[k] is not None}
+    model_opts = {k2: opts[k] for k, k2 in _MODEL_OPTIONS.items() if opts[k] is not None}
+    model_opts.update({k2: True for k, k2 in _MODEL_FLAGS.items() if opts[k]})
+    if opts["env"]:
+        model_opts["env"] = config.parse_env_option(opts["env"])
+    if opts["file"] is not None:
+        if opts["model"] is not None or model_opts:
+            given = ["MODEL"] * (opts["model"] is not None) + sorted(model_opts)
+            raise config.ConfigError("--file", str(opts["file"]), f"cannot be combined with per-model options ({', '.join(given)}); put them in the file")
+        raw = config.read_file_mapping(opts["file"])
+        raw.update(overrides)
+        if timeouts:
+            raw["timeouts"] = {**(raw.get("timeouts") or {}), **timeouts}
+        return config.parse_deployment(raw, source=str(opts["file"]))
+    if opts["model"] is None:
+        raise config.ConfigError("MODEL", None, "give a model id or path, or a deployment file with -f")
+    raw = {"models": [{"model": opts["model"], **model_opts}], **overrides}
+    if timeouts:
+        raw["timeouts"] = timeouts
+    return config.parse_deployment(raw, source=None)
+
+
+def deployment_command(fn):
+    """Give `fn` the shared deployment options; it receives `deployment` instead."""
+    own = [p for name, p in inspect.signature(fn).parameters.items() if name != "deployment"]
+    params = [_P(name, _P.KEYWORD_ONLY, default=default, annotation=annot) for name, annot, default in _DEPLOYMENT_PARAMS]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        opts = {name: kwargs.pop(name) for name, _, _ in _DEPLOYMENT_PARAMS}
+        try:
+            deployment = load_deployment(opts)
+            return fn(deployment=deployment, **kwargs)
+        except VfgenError as exc:
+            _fail(exc)
+
+    wrapper.__signature__ = inspect.Signature(params + [p.replace(kind=_P.KEYWORD_ONLY) for p in own])
+    return wrapper
+
+
+def domain_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VfgenError as exc:
+            _fail(exc)
+
+    return wrapper
+
+
+# --- commands --------------------------------------------------------------------
+
+
+@app.command()
+@deployment_command
+def render(
+    deployment,
+    emit: Optional[str] = typer.Option(None, help="Print one artefact to stdout: nginx, supervisord, prometheus, or a unit file name."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Write the tree (etc/systemd/system/..., etc/nginx/conf.d/...) under DIR, atomically.", file_okay=False),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be created or changed under --output-dir (default /) and write nothing."),
+    only: str = typer.Option("all", help="all, backends (units only) or dispatcher (nginx only, e.g. on a load-balancer host)."),
+) -> None:
+    """Render units (or a supervisord conf) and the nginx dispatcher for a deployment.
+
+    Examples:
+
+      vfgen render Qwen/Qwen2.5-0.5B -n 4 --emit nginx | sudo tee /etc/nginx/conf.d/vllm.conf
+
+      vfgen render -f deploy.yaml --output-dir / --dry-run
+    """
+    from vfgen import commands
+
+    commands.render(deployment, emit=emit, output_dir=output_dir, dry_run=dry_run, only=only, out=sys.stdout)
+
+
+@app.command()
+@deployment_command
+def plan(
+    deployment,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    gpu_memory: Optional[str] = typer.Option(None, help="GPU memory size (e.g. 24GB) for the memory estimate; read from nvidia-smi when absent."),
+) -> None:
+    """Show placement: instance, GPU, port, memory share and start order."""
+    from vfgen import commands
+
+    commands.show_plan(deployment, as_json=as_json, gpu_memory=gpu_memory, out=sys.stdout)
+
+
+@health_app.command("check")
+@deployment_command
+def health_check(
+    deployment,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    timeout: float = typer.Option(2.0, help="Seconds per probe."),
+) -> None:
+    """Probe every instance and the dispatcher. Exit 0 healthy, 1 degraded, 2 down."""
+    from vfgen import commands
+
+    raise typer.Exit(commands.health_check(deployment, as_json=as_json, timeout=timeout))
+
+
+@health_app.command("urls")
+@domain_errors
+def health_urls(
+    urls: List[str] = typer.Argument(..., help="Base URLs, e.g. http://127.0.0.1:9100"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    model: Optional[str] = typer.Option(None, help="Served name each URL must list."),
+    timeout: float = typer.Option(2.0, help="Seconds per probe."),
+) -> None:
+    """Probe explicit URLs. Exit 0 healthy, 1 degraded, 2 down."""
+    from vfgen import health
+
+    targets = [health.Target(name=u, url=u.rstrip("/"), expected_model=model) for u in urls]
+    raise typer.Exit(health.check(targets, timeout=timeout, as_json=as_json))
+
+
+@health_app.command("wait")
+@domain_errors
+def health_wait(
+    urls: List[str] = typer.Argument(..., help="Base URLs of the instances to wait for."),
+    timeout: float = typer.Option(900.0, help="Give up after this many seconds (exit 1)."),
+    model: Optional[str] = typer.Option(None, help="Served name /v1/models must list; any model when absent."),
+    pid: Optional[int] = typer.Option(None, help="Fail at once if this process dies (systemd passes $MAINPID)."),
+    interval: float = typer.Option(1.0, help="Seconds between probes."),
+) -> None:
+    """Block until /health is 200 and /v1/models lists the model."""
+    from vfgen import health
+
+    raise typer.Exit(health.wait(list(urls), model=model, timeout=timeout, pid=pid, interval=interval))
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def launch(ctx: typer.Context) -> None:
+    """Used by the rendered units: take the per-GPU start lock, start vLLM, release when healthy."""
+    from vfgen import launch as launcher
+
+    raise typer.Exit(launcher.main(list(ctx.args)))
+
+
+@app.command()
+@deployment_command
+def rollout(
+    deployment,
+    timeout: Optional[float] = typer.Option(None, help="Seconds each instance may take to be healthy again. [default: --start-timeout]"),
+    supervisorctl: Optional[str] = typer.Option(None, help="supervisorctl command line, e.g. 'supervisorctl -c /etc/supervisor/supervisord.conf'."),
+    systemctl: Optional[str] = typer.Option(None, help="systemctl command line. [default: systemctl]"),
+) -> None:
+    """Restart instances one at a time, each after the previous is healthy again."""
+    from vfgen import commands
+
+    raise typer.Exit(commands.rollout(deployment, timeout=timeout, supervisorctl=supervisorctl, systemctl=systemctl))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

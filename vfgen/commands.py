@@ -1,0 +1,170 @@
+"""Carry out the CLI commands on a validated Deployment: plan, render, write, probe, roll out."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import TextIO
+
+from vfgen.config import Deployment
+from vfgen.errors import OutputError
+from vfgen.plan import Plan, build_plan
+from vfgen.render import Artefact, render_all
+
+ONLY_CHOICES = ("all", "backends", "dispatcher")
+
+
+def select_artefacts(plan: Plan, only: str) -> list[Artefact]:
+    """The artefacts of the deployment's backend, narrowed by --only."""
+    if only not in ONLY_CHOICES:
+        raise OutputError(f"--only={only!r}: must be one of {', '.join(ONLY_CHOICES)}")
+    backend = plan.deployment.backend
+    arts = [a for a in render_all(plan) if a.kind in ("nginx", backend, "prometheus")]
+    if only == "backends":
+        arts = [a for a in arts if a.kind != "nginx"]
+    elif only == "dispatcher":
+        arts = [a for a in arts if a.kind == "nginx"]
+        if not arts:
+            raise OutputError("--only=dispatcher: a single instance serves the user port itself; there is no nginx config")
+    return arts
+
+
+def find_artefact(plan: Plan, emit: str) -> Artefact:
+    """--emit NAME: a kind with one file (nginx, supervisord, prometheus), a file name or a path."""
+    every = render_all(plan)
+    matches = [a for a in every if emit in (a.name, a.path)]
+    if not matches:
+        of_kind = [a for a in every if a.kind == emit]
+        if len(of_kind) == 1:
+            matches = of_kind
+        elif len(of_kind) > 1:
+            names = ", ".join(a.name for a in of_kind)
+            raise OutputError(f"--emit={emit!r} matches {len(of_kind)} files; name one: {names}")
+    if not matches:
+        names = ", ".join(sorted({a.kind for a in every} | {a.name for a in every}))
+        raise OutputError(f"--emit={emit!r}: no such artefact (choose from: {names})")
+    return matches[0]
+
+
+def render(d: Deployment, *, emit: str | None, output_dir: Path | None, dry_run: bool, only: str, out: TextIO) -> None:
+    from vfgen.output import plan_changes, write_tree
+
+    plan = build_plan(d)
+    if emit is not None:
+        if output_dir is not None or dry_run:
+            raise OutputError("--emit prints one file to stdout; it cannot be combined with --output-dir or --dry-run")
+        out.write(find_artefact(plan, emit).content)
+        return
+    arts = select_artefacts(plan, only)
+    if dry_run:
+        root = output_dir or Path("/")
+        for change in plan_changes(root, arts):
+            out.write(f"{change.action:9} {oct(change.mode)[2:]} {change.path}\n")
+        return
+    if output_dir is not None:
+        for change in write_tree(output_dir, arts):
+            out.write(f"{change.action:9} {change.path}\n")
+        return
+    for art in arts:
+        comment = ";" if art.kind == "supervisord" else "#"
+        out.write(f"{comment} ===== {art.path} =====\n{art.content}")
+        if not art.content.endswith("\n"):
+            out.write("\n")
+
+
+def plan_table(plan: Plan) -> str:
+    rows = [("INSTANCE", "MODEL", "GPU", "PORT", "SHARE", "START", "AFTER")]
+    for i in plan.instances:
+        rows.append((i.name, i.served_name, ",".join(i.gpus), str(i.port), i.memory_share, str(i.start_order), ",".join(i.after) or "-"))
+    lines = _table(rows)
+    lines.append("")
+    gpu_rows = [("GPU", "INSTANCES", "TOTAL SHARE", "BUDGET")]
+    for g in plan.gpus:
+        gpu_rows.append((g.gpu, str(len(g.instances)), g.total, f"{plan.deployment.memory_budget:.2f}"))
+    lines += _table(gpu_rows)
+    d = plan.deployment
+    lines.append("")
+    if plan.dispatcher:
+        lines.append(f"dispatcher: nginx on {d.listen}:{d.port} -> {sum(len(p.servers) for p in plan.pools)} backend(s)"
+                     + (", routed by the JSON \"model\" field" if plan.route_by_model else ""))
+    else:
+        lines.append(f"single instance: vLLM serves {d.listen}:{d.port} itself (no nginx)")
+    return "\n".join(lines) + "\n"
+
+
+def plan_json(plan: Plan) -> dict:
+    d = plan.deployment
+    return {
+        "name": d.name,
+        "backend": d.backend,
+        "dispatcher": {"listen": d.listen, "port": d.port} if plan.dispatcher else None,
+        "route_by_model": plan.route_by_model,
+        "memory_budget": d.memory_budget,
+        "instances": [
+            {
+                "name": i.name, "model": i.model, "served_name": i.served_name, "index": i.index, "host": i.host,
+                "port": i.port, "gpus": list(i.gpus), "memory_share": float(i.memory_share),
+                "start_order": i.start_order, "after": list(i.after), "url": i.url,
+            }
+            for i in plan.instances
+        ],
+        "gpus": [
+            {"gpu": g.gpu, "instances": list(g.instances), "shares": [float(s) for s in g.shares], "total": float(g.total)}
+            for g in plan.gpus
+        ],
+        "pools": [
+            {"model": p.model, "upstream": p.upstream, "servers": list(p.servers), "cap": p.cap, "served_names": list(p.served_names)}
+            for p in plan.pools
+        ],
+    }
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def show_plan(d: Deployment, *, as_json: bool, gpu_memory: str | None, out: TextIO) -> None:
+    plan = build_plan(d)
+    if as_json:
+        out.write(json.dumps(plan_json(plan), indent=2) + "\n")
+    else:
+        out.write(plan_table(plan))
+
+
+def health_targets(plan: Plan):
+    from vfgen.health import Target
+
+    d = plan.deployment
+    targets = [
+        Target(name=f"{i.model}/{i.index}", url=i.url, port=i.port, gpus=",".join(i.gpus), expected_model=i.served_name)
+        for i in plan.instances
+    ]
+    if plan.dispatcher:
+        host = "127.0.0.1" if d.listen in ("0.0.0.0",) else (f"[{d.listen}]" if ":" in d.listen else d.listen)
+        targets.append(Target(name="dispatcher", url=f"http://{host}:{d.port}", port=d.port, kind="dispatcher"))
+    return targets
+
+
+def health_check(d: Deployment, *, as_json: bool, timeout: float) -> int:
+    from vfgen import health
+
+    return health.check(health_targets(build_plan(d)), timeout=timeout, as_json=as_json)
+
+
+def rollout(d: Deployment, *, timeout: float | None, supervisorctl: str | None, systemctl: str | None) -> int:
+    from vfgen import rollout as roll
+
+    plan = build_plan(d)
+    steps = [
+        roll.RolloutStep(name=i.unit if d.backend == "systemd" else f"{d.name}:{i.name}", url=i.url, expected_model=i.served_name)
+        for i in sorted(plan.instances, key=lambda i: (i.start_order, i.name))
+    ]
+    return roll.rollout(
+        steps,
+        backend=d.backend,
+        timeout=timeout if timeout is not None else d.timeouts.start,
+        supervisorctl=shlex.split(supervisorctl) if supervisorctl else None,
+        systemctl=shlex.split(systemctl) if systemctl else None,
+    )

@@ -1,0 +1,491 @@
+"""Validate a deployment description (CLI flags or a YAML file) into immutable dataclasses.
+
+Both entry points build the same raw mapping, in the deployment-file format,
+and go through `parse_deployment`, so the CLI is shorthand for a one-model
+file. Every rejected value raises ConfigError naming the field (as the user
+wrote it: `--port` on the CLI, `models[1].gpus` in a file) and the value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from vfgen.errors import ConfigError
+
+# Share of each GPU's memory that vLLM instances may take together. 0.92 is
+# vLLM's own default for one instance; it leaves room for the CUDA context and
+# the driver on every GPU.
+DEFAULT_MEMORY_BUDGET = 0.92
+# Below 5% of a GPU an instance cannot hold even a small encoder plus its
+# activations on a 24 GB card; fail instead of starting processes that OOM.
+DEFAULT_MIN_SHARE = 0.05
+# vllm-factory's dispatcher caps bodies at 1 MiB, too small for batched
+# embedding requests; 32 MiB still fits in memory per request.
+DEFAULT_MAX_BODY_SIZE = "32m"
+
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+BACKENDS = ("systemd", "supervisord")
+
+# vLLM flags that vfgen computes itself; passing them as extra args would
+# silently desynchronise the units from nginx and the memory plan.
+MANAGED_VLLM_FLAGS = {
+    "--host": "host",
+    "--port": "port-start",
+    "--served-model-name": "served-model-name",
+    "--max-num-seqs": "max-batch-size",
+    "--gpu-memory-utilization": "gpu-memory-utilization",
+    "--tensor-parallel-size": "tensor-parallel-size",
+    "-tp": "tensor-parallel-size",
+    "--shutdown-timeout": "shutdown-timeout",
+}
+RESERVED_ENV = {"CUDA_VISIBLE_DEVICES": "cuda-devices / gpus"}
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SLUG = re.compile(r"[a-z][a-z0-9-]{0,39}")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
+_EXECUTABLE = re.compile(r"[A-Za-z0-9._/+][A-Za-z0-9._/+-]*")
+_NGINX_SIZE = re.compile(r"([0-9]{1,9})([kKmM]?)")
+_DTYPE_ALIASES = {d: d for d in DTYPES}
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    start: int = 900  # seconds to load a model and answer /health
+    shutdown: int = 30  # vLLM --shutdown-timeout: in-flight requests get this long on SIGTERM
+    read: int = 3600  # nginx proxy_read_timeout: long generations stream for minutes
+    connect: int = 2  # loopback connects are instant; a slow one means a dead backend
+    fail: int = 5  # nginx fail_timeout: a failed backend is skipped this long, then probed
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    source: str
+    served_names: tuple[str, ...]
+    instances: int = 1
+    gpus: tuple[str, ...] = ("0",)
+    tensor_parallel_size: int = 1
+    memory_share: float | None = None  # None: auto
+    max_batch_size: int = 32
+    max_model_len: int | None = None
+    dtype: str | None = None
+    enforce_eager: bool = False
+    io_processor_plugin: str | None = None
+    affinity: bool = False
+    extra_args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    instance_env: tuple[tuple[tuple[str, str], ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str
+    models: tuple[ModelSpec, ...]
+    listen: str = "127.0.0.1"
+    port: int = 8000
+    port_start: int = 9100
+    host: str = "127.0.0.1"
+    upstream_hosts: tuple[str, ...] = ()  # empty: the backends are on `host`
+    backend: str = "systemd"
+    user: str = "vllm"
+    vllm_bin: str = "vllm"
+    vfgen_bin: str = "vfgen"
+    memory_budget: float = DEFAULT_MEMORY_BUDGET
+    min_memory_share: float = DEFAULT_MIN_SHARE
+    max_body_size: str = DEFAULT_MAX_BODY_SIZE
+    max_queue: int | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    lock_dir: str = "/run/vfgen/locks"
+    log_dir: str = "/var/log/vfgen"
+    default_model: str | None = None
+    source: str | None = None
+
+    @property
+    def all_served_names(self) -> tuple[str, ...]:
+        return tuple(n for m in self.models for n in m.served_names)
+
+
+# --- entry points ----------------------------------------------------------------
+
+
+def read_file_mapping(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a deployment YAML file (vLLM --config style: option names as keys)."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("--file", source, f"cannot read: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError("--file", source, f"not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("--file", source, "must be a mapping with a `models` list")
+    return raw
+
+
+def load_file(path: str | Path) -> Deployment:
+    return parse_deployment(read_file_mapping(path), source=str(path))
+
+
+def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deployment:
+    """Validate a raw mapping (file or CLI) into a Deployment."""
+    v = _Validator(source)
+    data = v.normalise(raw, "", _GLOBAL_KEYS)
+    models_raw = data.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise v.error("models", models_raw, "must be a non-empty list of models")
+    models = tuple(_parse_model(v, m, i) for i, m in enumerate(models_raw))
+    _check_unique(v, models)
+
+    timeouts_raw = v.normalise(data.get("timeouts") or {}, "timeouts.", _TIMEOUT_KEYS)
+    timeouts = Timeouts(
+        **{k: v.integer(f"timeouts.{k}", val, low=1, high=86400) for k, val in timeouts_raw.items()}
+    )
+    default_model = data.get("default_model")
+    deployment = Deployment(
+        name=v.slug("name", data.get("name", "vllm")),
+        models=models,
+        listen=v.address("listen", data.get("listen", "127.0.0.1")),
+        port=v.port("port", data.get("port", 8000)),
+        port_start=v.port("port_start", data.get("port_start", 9100)),
+        host=v.address("host", data.get("host", "127.0.0.1")),
+        upstream_hosts=tuple(
+            v.address(f"upstream_hosts[{i}]", h) for i, h in enumerate(v.str_list("upstream_hosts", data.get("upstream_hosts", [])))
+        ),
+        backend=v.choice("backend", data.get("backend", "systemd"), BACKENDS),
+        user=v.user("user", data.get("user", "vllm")),
+        vllm_bin=v.executable("vllm_bin", data.get("vllm_bin", "vllm")),
+        vfgen_bin=v.executable("vfgen_bin", data.get("vfgen_bin", "vfgen")),
+        memory_budget=v.fraction("memory_budget", data.get("memory_budget", DEFAULT_MEMORY_BUDGET)),
+        min_memory_share=v.fraction("min_memory_share", data.get("min_memory_share", DEFAULT_MIN_SHARE)),
+        max_body_size=v.nginx_size("max_body_size", data.get("max_body_size", DEFAULT_MAX_BODY_SIZE)),
+        max_queue=None if data.get("max_queue") is None else v.integer("max_queue", data["max_queue"], low=0, high=100000),
+        timeouts=timeouts,
+        lock_dir=v.safe_path("lock_dir", data.get("lock_dir", "/run/vfgen/locks")),
+        log_dir=v.safe_path("log_dir", data.get("log_dir", "/var/log/vfgen")),
+        default_model=None if default_model is None else v.served_name("default_model", default_model),
+        source=source,
+    )
+    if deployment.default_model is not None and deployment.default_model not in deployment.all_served_names:
+        raise v.error("default_model", default_model, f"is not a served name (served: {', '.join(deployment.all_served_names)})")
+    return deployment
+
+
+# --- file schema -----------------------------------------------------------------
+
+_GLOBAL_KEYS = {
+    "name", "models", "listen", "port", "port_start", "host", "upstream_hosts", "backend", "user",
+    "vllm_bin", "vfgen_bin", "memory_budget", "min_memory_share", "max_body_size", "max_queue",
+    "timeouts", "lock_dir", "log_dir", "default_model",
+}
+_TIMEOUT_KEYS = {"start", "shutdown", "read", "connect", "fail"}
+_MODEL_KEYS = {
+    "model", "name", "served_model_name", "aliases", "instances", "gpus", "tensor_parallel_size",
+    "gpu_memory_utilization", "max_batch_size", "max_model_len", "dtype", "enforce_eager",
+    "io_processor_plugin", "enable_request_affinity", "extra_args", "env", "instance_env",
+}
+
+
+def _parse_model(v: "_Validator", raw: Any, index: int) -> ModelSpec:
+    p = f"models[{index}]." if v.source is not None else ""
+    if not isinstance(raw, dict):
+        raise v.error(f"models[{index}]", raw, "must be a mapping")
+    data = v.normalise(raw, p, _MODEL_KEYS)
+    if "model" not in data:
+        raise v.error(f"{p}model", None, "is required (a Hugging Face id or a local path)")
+    source = v.model_source(f"{p}model", data["model"])
+    served = v.str_list(f"{p}served_model_name", data.get("served_model_name", [source]))
+    aliases = v.str_list(f"{p}aliases", data.get("aliases", []))
+    names = tuple(v.served_name(f"{p}served_model_name", n) for n in served) + tuple(
+        v.served_name(f"{p}aliases", n) for n in aliases
+    )
+    if not served:
+        raise v.error(f"{p}served_model_name", served, "needs at least one name")
+    key = v.slug(f"{p}name", data["name"]) if "name" in data else _derive_key(source)
+
+    instances = v.integer(f"{p}instances", data.get("instances", 1), low=1, high=256)
+    tp = v.integer(f"{p}tensor_parallel_size", data.get("tensor_parallel_size", 1), low=1, high=64)
+    gpus = v.gpus(f"{p}gpus", data.get("gpus", ["0"]))
+    if len(gpus) % tp:
+        raise v.error(f"{p}gpus", ",".join(gpus), f"{len(gpus)} GPU(s) cannot be split into groups of tensor_parallel_size={tp}")
+
+    share_raw = data.get("gpu_memory_utilization", "auto")
+    share = None if share_raw in (None, "auto") else v.fraction(f"{p}gpu_memory_utilization", share_raw)
+
+    env_raw = data.get("env") or {}
+    if not isinstance(env_raw, dict):
+        raise v.error(f"{p}env", env_raw, "must be a mapping of NAME: value")
+    env = tuple(v.env_pair(f"{p}env", k, val) for k, val in env_raw.items())
+    inst_env_raw = data.get("instance_env") or []
+    if not isinstance(inst_env_raw, list) or len(inst_env_raw) not in (0, instances):
+        raise v.error(f"{p}instance_env", inst_env_raw, f"must be a list of {instances} mappings, one per instance")
+    instance_env = tuple(
+        tuple(v.env_pair(f"{p}instance_env[{i}]", k, val) for k, val in (e or {}).items())
+        for i, e in enumerate(inst_env_raw)
+    )
+    dtype = data.get("dtype")
+    return ModelSpec(
+        key=key,
+        source=source,
+        served_names=names,
+        instances=instances,
+        gpus=gpus,
+        tensor_parallel_size=tp,
+        memory_share=share,
+        max_batch_size=v.integer(f"{p}max_batch_size", data.get("max_batch_size", 32), low=1, high=100000),
+        max_model_len=None if data.get("max_model_len") is None else v.integer(f"{p}max_model_len", data["max_model_len"], low=1, high=10**8),
+        dtype=None if dtype is None else v.choice(f"{p}dtype", dtype, DTYPES),
+        enforce_eager=v.boolean(f"{p}enforce_eager", data.get("enforce_eager", False)),
+        io_processor_plugin=None if data.get("io_processor_plugin") is None else v.token(f"{p}io_processor_plugin", data["io_processor_plugin"]),
+        affinity=v.boolean(f"{p}enable_request_affinity", data.get("enable_request_affinity", False)),
+        extra_args=v.extra_args(f"{p}extra_args", data.get("extra_args", [])),
+        env=env,
+        instance_env=instance_env,
+    )
+
+
+def _derive_key(source: str) -> str:
+    base = source.rstrip("/").rsplit("/", 1)[-1].lower()
+    slug = re.sub(r"[^a-z0-9]+", "-", base).strip("-")
+    if not slug or not slug[0].isalpha():
+        slug = "m-" + slug if slug else "model"
+    return slug[:40].rstrip("-")
+
+
+def _check_unique(v: "_Validator", models: tuple[ModelSpec, ...]) -> None:
+    keys: dict[str, int] = {}
+    names: dict[str, int] = {}
+    for i, m in enumerate(models):
+        if m.key in keys:
+            raise v.error(f"models[{i}].name", m.key, f"same unit name as models[{keys[m.key]}]; set a distinct `name`")
+        keys[m.key] = i
+        for n in m.served_names:
+            if n in names:
+                raise v.error(f"models[{i}].served_model_name", n, f"already served by models[{names[n]}]")
+            names[n] = i
+
+
+# Fields whose CLI spelling is not simply `--field-name`.
+_CLI_LABELS = {
+    "model": "MODEL",
+    "gpus": "--cuda-devices",
+    "extra_args": "arguments after --",
+    "timeouts.start": "--start-timeout",
+    "timeouts.shutdown": "--shutdown-timeout",
+    "timeouts.read": "--read-timeout",
+    "timeouts.connect": "--connect-timeout",
+    "timeouts.fail": "--fail-timeout",
+    "upstream_hosts": "--upstream-host",
+    "instance_env": "--instance-env",
+}
+
+
+class _Validator:
+    """Field checks that raise ConfigError with the field spelled as the user wrote it."""
+
+    def __init__(self, source: str | None):
+        self.source = source
+
+    def label(self, name: str) -> str:
+        if self.source is None:  # CLI: show the option name
+            base = re.sub(r"\[\d+\]$", "", name)
+            if base.startswith("env."):
+                return f"--env {base[4:]}"
+            return _CLI_LABELS.get(base, "--" + base.replace("_", "-"))
+        return name
+
+    def error(self, name: str, value: Any, reason: str) -> ConfigError:
+        return ConfigError(self.label(name), value, reason, self.source)
+
+    def normalise(self, raw: Any, prefix: str, allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(raw, Mapping):
+            raise self.error(prefix.rstrip(".") or "file", raw, "must be a mapping")
+        out: dict[str, Any] = {}
+        for k, val in raw.items():
+            key = str(k).replace("-", "_")
+            if key not in allowed:
+                raise self.error(f"{prefix}{k}", val, f"unknown key (known: {', '.join(sorted(allowed))})")
+            out[key] = val
+        return out
+
+    def text(self, name: str, value: Any) -> str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise self.error(name, value, "must be a string")
+        text = str(value)
+        if _CONTROL.search(text):
+            raise self.error(name, value, "contains a control character (newline, tab, NUL ...)")
+        return text
+
+    def integer(self, name: str, value: Any, low: int, high: int) -> int:
+        if isinstance(value, bool):
+            raise self.error(name, value, "must be a whole number")
+        try:
+            number = int(str(value).strip(), 10) if isinstance(value, str) else value
+        except ValueError:
+            raise self.error(name, value, "must be a whole number") from None
+        if not isinstance(number, int):
+            raise self.error(name, value, "must be a whole number")
+        if not low <= number <= high:
+            raise self.error(name, value, f"must be between {low} and {high}")
+        return number
+
+    def port(self, name: str, value: Any) -> int:
+        return self.integer(name, value, 1, 65535)
+
+    def fraction(self, name: str, value: Any) -> float:
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not 0.0 < number <= 1.0:
+            raise self.error(name, value, "must be a number in (0, 1], or `auto`" if "memory" in name else "must be a number in (0, 1]")
+        return number
+
+    def boolean(self, name: str, value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        raise self.error(name, value, "must be true or false")
+
+    def choice(self, name: str, value: Any, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            raise self.error(name, value, f"must be one of: {', '.join(choices)}")
+        return value
+
+    def slug(self, name: str, value: Any) -> str:
+        text = self.text(name, value)
+        if not _SLUG.fullmatch(text):
+            raise self.error(name, value, "must be lowercase letters, digits and '-', starting with a letter (max 40)")
+        return text
+
+    def user(self, name: str, value: Any) -> str:
+        text = self.text(name, value)
+        if not _USER.fullmatch(text):
+            raise self.error(name, value, "is not a valid system user name")
+        return text
+
+    def address(self, name: str, value: Any) -> str:
+        text = self.text(name, value).strip("[]")
+        try:
+            return str(ipaddress.ip_address(text))
+        except ValueError:
+            pass
+        if _HOSTNAME.fullmatch(text):
+            return text
+        raise self.error(name, value, "must be an IP address or a host name")
+
+    def executable(self, name: str, value: Any) -> str:
+        text = self.text(name, value)
+        if not _EXECUTABLE.fullmatch(text):
+            raise self.error(name, value, "must be a command name or path of letters, digits and ._/+- (no spaces)")
+        return text
+
+    def safe_path(self, name: str, value: Any) -> str:
+        text = self.text(name, value)
+        if not _SAFE_PATH.fullmatch(text) or "/../" in text + "/":
+            raise self.error(name, value, "must be an absolute path of letters, digits and ._/+-")
+        return text.rstrip("/") or "/"
+
+    def nginx_size(self, name: str, value: Any) -> str:
+        text = self.text(name, value)
+        if not _NGINX_SIZE.fullmatch(text) or int(_NGINX_SIZE.fullmatch(text).group(1)) == 0:
+            raise self.error(name, value, "must be a size like 512k, 32m or 1048576")
+        return text.lower()
+
+    def token(self, name: str, value: Any) -> str:
+        text = self.text(name, value)
+        if not text or text.startswith("-") or " " in text:
+            raise self.error(name, value, "must be a single word not starting with '-'")
+        return text
+
+    def model_source(self, name: str, value: Any) -> str:
+        text = self.text(name, value)
+        if not text.strip():
+            raise self.error(name, value, "must not be empty")
+        if text.startswith("-"):
+            raise self.error(name, value, "must not start with '-' (vllm would read it as an option)")
+        return text
+
+    def served_name(self, name: str, value: Any) -> str:
+        text = self.text(name, value)
+        if not text or text != text.strip():
+            raise self.error(name, value, "must be non-empty with no leading or trailing spaces")
+        bad = sorted({c for c in text if c in '"\\$'})
+        if bad:
+            raise self.error(
+                name, value,
+                f"contains {' '.join(bad)}; served names appear inside nginx and JSON strings, where these cannot be carried safely"
+                + (" (it defaults to the model path: pass --served-model-name)" if self.source is None else ""),
+            )
+        if text.startswith("-"):
+            raise self.error(name, value, "must not start with '-'")
+        if len(text.encode()) > 256:
+            raise self.error(name, value, "is longer than 256 bytes")
+        return text
+
+    def str_list(self, name: str, value: Any) -> list[str]:
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list):
+            raise self.error(name, value, "must be a string or a list of strings")
+        return [self.text(f"{name}[{i}]", item) for i, item in enumerate(value)]
+
+    def gpus(self, name: str, value: Any) -> tuple[str, ...]:
+        items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+        out = []
+        for item in items:
+            text = str(item).strip()
+            if not re.fullmatch(r"[0-9]{1,3}", text):
+                raise self.error(name, value, f"GPU id {text!r} is not a non-negative integer")
+            out.append(str(int(text)))
+        if not out:
+            raise self.error(name, value, "needs at least one GPU id")
+        if len(set(out)) != len(out):
+            raise self.error(name, value, "lists a GPU twice")
+        return tuple(out)
+
+    def env_pair(self, name: str, key: Any, value: Any) -> tuple[str, str]:
+        key = str(key)
+        if not _ENV_KEY.fullmatch(key):
+            raise self.error(f"{name}.{key}", value, "environment variable names are letters, digits and '_', not starting with a digit")
+        if key in RESERVED_ENV:
+            raise self.error(f"{name}.{key}", value, f"is set by vfgen from {RESERVED_ENV[key]}")
+        if isinstance(value, bool):
+            value = "1" if value else "0"
+        return key, self.text(f"{name}.{key}", value)
+
+    def extra_args(self, name: str, value: Any) -> tuple[str, ...]:
+        args = self.str_list(name, value)
+        for arg in args:
+            flag = arg.split("=", 1)[0]
+            if flag in MANAGED_VLLM_FLAGS:
+                raise self.error(name, arg, f"{flag} is set by vfgen; use the `{MANAGED_VLLM_FLAGS[flag]}` setting instead")
+        return tuple(args)
+
+
+def parse_env_option(items: list[str]) -> dict[str, str]:
+    """`--env KEY=VALUE` occurrences into a mapping (validated later with the rest)."""
+    env: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError("--env", item, "must be KEY=VALUE")
+        key, value = item.split("=", 1)
+        env[key] = value
+    return env
+
+
+def nginx_size_bytes(size: str) -> int:
+    match = _NGINX_SIZE.fullmatch(size)
+    assert match, size
+    return int(match.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[match.group(2).lower()]

@@ -1,0 +1,261 @@
+"""Compute every port, GPU placement, memory share, start order and command line as plain data.
+
+The renderer only formats a Plan; all arithmetic lives here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import dataclass
+
+from vfgen.config import Deployment, ModelSpec
+from vfgen.errors import PlanError
+
+
+@dataclass(frozen=True)
+class Instance:
+    model: str  # model key
+    index: int  # position within its model
+    name: str  # unit stem and supervisord program name
+    host: str  # bind address
+    port: int
+    gpus: tuple[str, ...]
+    memory_share: str  # formatted for --gpu-memory-utilization
+    start_order: int  # instances with the same number start in parallel
+    after: tuple[str, ...]  # instances (names) on the same GPUs that start before this one
+    after_urls: tuple[str, ...]
+    locks: tuple[str, ...]
+    url: str  # base URL to probe
+    served_name: str  # the name its /v1/models must list
+    env: tuple[tuple[str, str], ...]  # CUDA_VISIBLE_DEVICES first, then model, then instance env
+    vllm_argv: tuple[str, ...]
+    start_timeout: int  # includes waiting behind every other instance on its GPUs
+
+    @property
+    def unit(self) -> str:
+        return f"{self.name}.service"
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The nginx upstreams of one model."""
+
+    model: str
+    upstream: str  # least_conn pool with caps and backup overflow
+    affinity_upstream: str | None  # hash upstream tried first when affinity is on
+    servers: tuple[str, ...]  # host:port, one per backend instance
+    cap: int  # max_conns per server = the model's max batch size
+    overflow_cap: int | None  # max_conns of backup entries; None = no cap; 0 = no backup entries
+    served_names: tuple[str, ...]
+    source: str
+    keepalive: int  # idle connections each nginx worker keeps to this pool
+
+
+@dataclass(frozen=True)
+class GpuUsage:
+    gpu: str
+    instances: tuple[str, ...]
+    shares: tuple[str, ...]
+    total: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    deployment: Deployment
+    instances: tuple[Instance, ...]
+    pools: tuple[Pool, ...]
+    gpus: tuple[GpuUsage, ...]
+    dispatcher: bool  # render nginx at all (not for a single instance on the user port)
+    route_by_model: bool  # inspect the JSON body for "model" (several models)
+    target: str  # systemd target grouping every instance
+    nginx_prefix: str  # prefix of nginx variables, which allow only [A-Za-z0-9_]
+
+    def instances_of(self, model: str) -> tuple[Instance, ...]:
+        return tuple(i for i in self.instances if i.model == model)
+
+
+def build_plan(d: Deployment) -> Plan:
+    placements = _place(d)
+    shares = _memory_shares(d, placements)
+    total = len(placements)
+    single = len(d.models) == 1 and total == 1 and not d.upstream_hosts
+    ports = _ports(d, total, single)
+
+    instances: list[Instance] = []
+    last_on_gpu: dict[str, Instance] = {}
+    on_gpu: dict[str, list[int]] = {}
+    for n, (model, index, gpus) in enumerate(placements):
+        for g in gpus:
+            on_gpu.setdefault(g, []).append(n)
+    for n, (model, index, gpus) in enumerate(placements):
+        host = d.listen if single else d.host
+        before = sorted({last_on_gpu[g].name: last_on_gpu[g] for g in gpus if g in last_on_gpu}.items())
+        queue = len({m for g in gpus for m in on_gpu[g]})
+        inst = Instance(
+            model=model.key,
+            index=index,
+            name=f"{d.name}-{model.key}-{index}",
+            host=host,
+            port=ports[n],
+            gpus=gpus,
+            memory_share=f"{shares[n]:.2f}",
+            start_order=1 + max((b.start_order for _, b in before), default=0),
+            after=tuple(name for name, _ in before),
+            after_urls=tuple(b.url for _, b in before),
+            locks=tuple(f"{d.lock_dir}/gpu-{g}.lock" for g in sorted(gpus, key=int)),
+            url=f"http://{_connect_host(host)}:{ports[n]}",
+            served_name=model.served_names[0],
+            env=_env(model, index, gpus),
+            vllm_argv=_vllm_argv(d, model, host, ports[n], f"{shares[n]:.2f}"),
+            start_timeout=d.timeouts.start * queue,
+        )
+        instances.append(inst)
+        for g in gpus:
+            last_on_gpu[g] = inst
+
+    pools = tuple(_pool(d, m, [i for i in instances if i.model == m.key]) for m in d.models)
+    return Plan(
+        deployment=d,
+        instances=tuple(instances),
+        pools=pools,
+        gpus=_gpu_usage(placements, shares, instances),
+        dispatcher=not single,
+        route_by_model=len(d.models) > 1,
+        target=f"{d.name}.target",
+        nginx_prefix="vfgen_" + d.name.replace("-", "_"),
+    )
+
+
+def _place(d: Deployment) -> list[tuple[ModelSpec, int, tuple[str, ...]]]:
+    """Instance k of a model takes the k-th group of tensor_parallel_size GPUs, round robin."""
+    out = []
+    for m in d.models:
+        tp = m.tensor_parallel_size
+        groups = [m.gpus[i : i + tp] for i in range(0, len(m.gpus), tp)]
+        for k in range(m.instances):
+            out.append((m, k, tuple(groups[k % len(groups)])))
+    return out
+
+
+def _floor2(x: float) -> float:
+    # Round down so shares on a GPU never add up past the budget.
+    return math.floor(x * 100 + 1e-9) / 100
+
+
+def _memory_shares(d: Deployment, placements) -> list[float]:
+    explicit: dict[str, float] = {}
+    auto_count: dict[str, int] = {}
+    for m, _, gpus in placements:
+        for g in gpus:
+            if m.memory_share is None:
+                auto_count[g] = auto_count.get(g, 0) + 1
+            else:
+                explicit[g] = explicit.get(g, 0.0) + m.memory_share
+    for g, used in explicit.items():
+        if used > d.memory_budget + 1e-9:
+            raise PlanError(_budget_error(d, placements, f"GPU {g}: explicit gpu-memory-utilization shares add up to {used:.2f}, over the budget {d.memory_budget:.2f}"))
+    auto_share = {g: _floor2((d.memory_budget - explicit.get(g, 0.0)) / c) for g, c in auto_count.items()}
+    shares = []
+    for m, k, gpus in placements:
+        share = m.memory_share if m.memory_share is not None else min(auto_share[g] for g in gpus)
+        if share < d.min_memory_share - 1e-9:
+            raise PlanError(_budget_error(
+                d, placements,
+                f"{m.key} instance {k} would get gpu-memory-utilization {share:.2f}, below the floor {d.min_memory_share:.2f}; "
+                "use fewer instances, more GPUs, or set memory shares explicitly",
+            ))
+        shares.append(share)
+    return shares
+
+
+def _budget_error(d: Deployment, placements, headline: str) -> str:
+    rows = {}
+    for m, k, gpus in placements:
+        for g in gpus:
+            share = "auto" if m.memory_share is None else f"{m.memory_share:.2f}"
+            rows.setdefault(g, []).append(f"{m.key}/{k}={share}")
+    table = "\n".join(f"  GPU {g}: {', '.join(r)}" for g, r in sorted(rows.items(), key=lambda kv: int(kv[0])))
+    return f"{headline}\nper-GPU placement (budget {d.memory_budget:.2f} per GPU):\n{table}"
+
+
+def _ports(d: Deployment, total: int, single: bool) -> list[int]:
+    if single:
+        return [d.port]
+    last = d.port_start + total - 1
+    if last > 65535:
+        raise PlanError(f"port_start={d.port_start}: {total} backend ports would run past 65535 (to {last})")
+    if not d.upstream_hosts and d.port_start <= d.port <= last:
+        raise PlanError(f"port={d.port} lies inside the backend port range {d.port_start}-{last}; move --port or --port-start")
+    return list(range(d.port_start, last + 1))
+
+
+def _connect_host(host: str) -> str:
+    """Where to connect to reach something bound on `host`."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.is_unspecified:
+        return "127.0.0.1" if ip.version == 4 else "[::1]"
+    return f"[{ip}]" if ip.version == 6 else str(ip)
+
+
+def _env(m: ModelSpec, index: int, gpus: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    env = [("CUDA_VISIBLE_DEVICES", ",".join(gpus))]
+    env += list(m.env)
+    if m.instance_env:
+        env += list(m.instance_env[index])
+    return tuple(env)
+
+
+def _vllm_argv(d: Deployment, m: ModelSpec, host: str, port: int, share: str) -> tuple[str, ...]:
+    argv = [d.vllm_bin, "serve", m.source, "--host", host, "--port", str(port), "--served-model-name", *m.served_names,
+            "--max-num-seqs", str(m.max_batch_size), "--gpu-memory-utilization", share,
+            "--shutdown-timeout", str(d.timeouts.shutdown)]
+    if m.tensor_parallel_size > 1:
+        argv += ["--tensor-parallel-size", str(m.tensor_parallel_size)]
+    if m.dtype:
+        argv += ["--dtype", m.dtype]
+    if m.enforce_eager:
+        argv.append("--enforce-eager")
+    if m.io_processor_plugin:
+        argv += ["--io-processor-plugin", m.io_processor_plugin]
+    if m.max_model_len:
+        argv += ["--max-model-len", str(m.max_model_len)]
+    return tuple(argv) + m.extra_args
+
+
+def _pool(d: Deployment, m: ModelSpec, instances: list[Instance]) -> Pool:
+    hosts = [_connect_host(h) for h in d.upstream_hosts] or [None]
+    servers = tuple(f"{h or _connect_host(i.host)}:{i.port}" for h in hosts for i in instances)
+    upstream = f"{d.name}-{m.key}"
+    return Pool(
+        model=m.key,
+        upstream=upstream,
+        affinity_upstream=f"{upstream}-affinity" if m.affinity else None,
+        servers=servers,
+        cap=m.max_batch_size,
+        overflow_cap=d.max_queue,
+        served_names=m.served_names,
+        source=m.source,
+        # Enough idle connections to reuse one per in-flight request; capped so a
+        # large pool cannot exhaust the backends' file descriptors.
+        keepalive=min(m.max_batch_size * len(servers), 512),
+    )
+
+
+def _gpu_usage(placements, shares, instances) -> tuple[GpuUsage, ...]:
+    per: dict[str, list[tuple[str, float]]] = {}
+    for (m, k, gpus), share, inst in zip(placements, shares, instances):
+        for g in gpus:
+            per.setdefault(g, []).append((inst.name, share))
+    return tuple(
+        GpuUsage(
+            gpu=g,
+            instances=tuple(n for n, _ in rows),
+            shares=tuple(f"{s:.2f}" for _, s in rows),
+            total=f"{sum(s for _, s in rows):.2f}",
+        )
+        for g, rows in sorted(per.items(), key=lambda kv: int(kv[0]))
+    )

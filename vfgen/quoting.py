@@ -1,0 +1,116 @@
+"""Quoting for nginx, systemd and supervisord syntax: the one place where user values are escaped.
+
+Every user value that reaches a rendered file passes through one of these
+functions (as Jinja filters). Control characters are refused everywhere: no
+format below can carry a newline safely, and config validation rejects them
+first, so reaching this check means a bug in validation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Iterable
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class QuotingError(ValueError):
+    """A value cannot be represented safely in the target syntax."""
+
+
+def _refuse_control(value: str, where: str) -> str:
+    if not isinstance(value, str):
+        value = str(value)
+    if _CONTROL.search(value):
+        raise QuotingError(f"{where}: control character in {value!r}")
+    return value
+
+
+# --- nginx -------------------------------------------------------------------
+# Inside a double-quoted nginx string the parser turns \" into " and \\ into \;
+# every other character is literal, except that `$name` is expanded in places
+# that take variables (return text, paths). There is no escape for `$`, so a
+# value meant literally may not contain one.
+
+
+def nginx_str(value: object) -> str:
+    """A double-quoted nginx string whose content is exactly `value` (no `$` allowed)."""
+    text = _refuse_control(str(value), "nginx string")
+    if "$" in text:
+        raise QuotingError(f"nginx string: '$' would expand a variable in {text!r}")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def nginx_regex(pattern: str) -> str:
+    """A double-quoted nginx string holding a regex verbatim (map keys are never variable-expanded)."""
+    text = _refuse_control(pattern, "nginx regex")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def pcre_literal(value: str) -> str:
+    """Escape `value` so PCRE matches it literally (byte for byte, unicode included)."""
+    return "".join(c if c.isalnum() or c == "_" or ord(c) > 127 else "\\" + c for c in value)
+
+
+def nginx_json(value: object) -> str:
+    """A JSON document as a double-quoted nginx string (ASCII-only, so bytes are predictable)."""
+    return nginx_str(json.dumps(value, ensure_ascii=True, separators=(",", ":"), sort_keys=False))
+
+
+# --- systemd -----------------------------------------------------------------
+# systemd unquotes ExecStart= words C-style inside double quotes, expands `%`
+# specifiers everywhere and `$VAR` in command lines; `%%` and `$$` are literal.
+
+
+def systemd_word(value: object) -> str:
+    text = _refuse_control(str(value), "systemd word")
+    text = text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+    return f'"{text}"'
+
+
+def systemd_exec(argv: Iterable[object]) -> str:
+    """A command line for ExecStart=: every word quoted, the executable included."""
+    words = [str(a) for a in argv]
+    if not words:
+        raise QuotingError("systemd command line is empty")
+    if words[0][:1] in "@-:+!":
+        raise QuotingError(f"systemd executable may not start with a prefix character: {words[0]!r}")
+    return " ".join(systemd_word(w) for w in words)
+
+
+def systemd_env(key: str, value: object) -> str:
+    """One quoted KEY=VALUE assignment for Environment= (no `$` expansion there, `%` still expands)."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        raise QuotingError(f"environment key {key!r} is not a valid name")
+    text = _refuse_control(str(value), "systemd environment")
+    text = text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'"{key}={text}"'
+
+
+# --- supervisord ---------------------------------------------------------------
+# supervisord reads its conf with configparser (';' and '#' after whitespace
+# start an inline comment), expands %(name)s, then splits `command=` with
+# shlex.split. Backslash-escaping every unsafe character defeats all three:
+# no unescaped whitespace, ';' or '#' survives, and '%' is doubled.
+
+_SUPERVISOR_SAFE = re.compile(r"[A-Za-z0-9_./:=,+@-]")
+
+
+def supervisor_word(value: object) -> str:
+    text = _refuse_control(str(value), "supervisord word")
+    if text == "":
+        return "''"
+    out = []
+    for char in text:
+        if char == "%":
+            out.append("%%")
+        elif _SUPERVISOR_SAFE.fullmatch(char):
+            out.append(char)
+        else:
+            out.append("\\" + char)
+    return "".join(out)
+
+
+def supervisor_command(argv: Iterable[object]) -> str:
+    return " ".join(supervisor_word(a) for a in argv)

@@ -1,0 +1,246 @@
+"""Format a Plan into file contents with Jinja2 templates; no decisions are made here.
+
+Templates live in the repository's templates/ folder and ship inside the wheel
+as vfgen/templates. The Jinja environment is built once, with StrictUndefined
+so a missing value is an error rather than an empty string.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from vfgen import __version__, quoting
+from vfgen.plan import Instance, Plan
+from vfgen.errors import RenderError
+
+# Free-text fields cut out of the affinity shape; one map strips one
+# occurrence, and three maps cover typical requests (text + labels, a prompt).
+SHAPE_FIELDS = ("text", "input", "prompt", "content", "query")
+SHAPE_PASSES = 3
+# Matches an unescaped "model" key and captures its string value, escapes included.
+MODEL_FIELD_REGEX = r'~(?s)"model"\s*:\s*"(?<{name}>(?:[^"\\]|\\.)*)"'
+
+
+@dataclass(frozen=True)
+class Artefact:
+    kind: str  # nginx | systemd | supervisord | prometheus
+    path: str  # relative to the output root, e.g. etc/nginx/conf.d/vllm.conf
+    content: str
+    mode: int = 0o644
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+
+def templates_dir() -> Path:
+    packaged = Path(__file__).parent / "templates"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    env.filters.update(
+        nginx_str=quoting.nginx_str,
+        nginx_regex=quoting.nginx_regex,
+        systemd_exec=quoting.systemd_exec,
+        systemd_env=quoting.systemd_env,
+        supervisor_command=quoting.supervisor_command,
+        rstrip=str.rstrip,
+    )
+    return env
+
+
+def render_template(name: str, **context) -> str:
+    try:
+        return environment().get_template(name).render(version=__version__, **context)
+    except jinja2.TemplateSyntaxError as exc:
+        raise RenderError(f"{exc.filename or name}:{exc.lineno}: {exc.message}") from exc
+    except (jinja2.UndefinedError, quoting.QuotingError, TypeError) as exc:
+        raise RenderError(f"{name}:{_template_line(name)}: {exc}") from exc
+
+
+def _template_line(name: str) -> str:
+    """Line of the failing template, found in the traceback Jinja rewrote."""
+    tb = sys.exc_info()[2]
+    line = "?"
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(name):
+            line = str(tb.tb_lineno)
+        tb = tb.tb_next
+    return line
+
+
+def render_all(plan: Plan) -> list[Artefact]:
+    """Every artefact of the plan, for both process backends, in a stable order."""
+    d = plan.deployment
+    out: list[Artefact] = []
+    if plan.dispatcher:
+        out.append(Artefact("nginx", f"etc/nginx/conf.d/{d.name}.conf", render_nginx(plan)))
+    for inst in plan.instances:
+        out.append(Artefact("systemd", f"etc/systemd/system/{inst.unit}", render_unit(plan, inst)))
+    out.append(Artefact("systemd", f"etc/systemd/system/{plan.target}", render_template("systemd/deployment.target.j2", d=d, plan=plan)))
+    out.append(Artefact("supervisord", f"etc/supervisor/conf.d/{d.name}.conf", render_supervisord(plan)))
+    out.append(Artefact("prometheus", f"etc/prometheus/file_sd/{d.name}.json", render_prometheus(plan)))
+    return out
+
+
+# --- nginx -----------------------------------------------------------------------
+
+
+def _error(code: int, kind: str, message: str, param: str | None = None) -> str:
+    return quoting.nginx_json({"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+def render_nginx(plan: Plan) -> str:
+    d = plan.deployment
+    p = plan.nginx_prefix
+    names = ", ".join(d.all_served_names)
+    route_unknown, route_missing, route_unreadable = (f"{d.name}-unknown-model", f"{d.name}-missing-model", f"{d.name}-unreadable-body")
+    default_route = None
+    routes: list[tuple[str, str]] = []
+    for pool in plan.pools:
+        first = pool.affinity_upstream or pool.upstream
+        for served in pool.served_names:
+            routes.append((f"~^[A-Z]+:1:{quoting.pcre_literal(served)}$", first))
+            if served == d.default_model:
+                default_route = first
+    routes.append(("~^[A-Z]+:1:$", default_route or route_missing))
+    routes.append(("~^(GET|HEAD|OPTIONS|DELETE):0:$", default_route or route_missing))
+    routes.append(("~^[A-Z]+:0:", route_unreadable))
+
+    errors = {
+        "unknown_model": _error(404, "NotFoundError", f"The requested model is not served here. Served models: {names}.", "model"),
+        "missing_model": _error(404, "NotFoundError", f'The request names no "model" and this endpoint serves several models: {names}.', "model"),
+        "unreadable": _error(400, "BadRequestError", 'The request body is empty or too large to inspect for its "model" field.', "model"),
+        "unavailable": _error(503, "ServiceUnavailableError", "No backend can take this request right now (all busy or down). Retry later."),
+        "unhealthy": quoting.nginx_json({"status": "unhealthy", "detail": "no backend answers /health"}),
+        "timeout": _error(504, "GatewayTimeoutError", "The backend did not answer in time."),
+        "e405": _error(405, "MethodNotAllowedError", "Method not allowed."),
+    }
+    plain_errors = [
+        (400, _error(400, "BadRequestError", "Malformed request.")),
+        (403, _error(403, "PermissionDeniedError", "Forbidden.")),
+        (405, errors["e405"]),
+        (408, _error(408, "RequestTimeoutError", "The request was not received in time.")),
+        (413, _error(413, "RequestTooLargeError", f"The request body is larger than the limit of {d.max_body_size}.")),
+        (414, _error(414, "BadRequestError", "The request URI is too long.")),
+        (500, _error(500, "InternalServerError", "Internal error in the dispatcher.")),
+    ]
+    models_json = quoting.nginx_json({
+        "object": "list",
+        "data": [
+            {"id": n, "object": "model", "created": 0, "owned_by": "vllm", "root": pool.source, "parent": None, "permission": []}
+            for pool in plan.pools for n in pool.served_names
+        ],
+    })
+    shape_maps = []
+    if any(pool.affinity_upstream for pool in plan.pools):
+        source = "$request_body"
+        fields = "|".join(SHAPE_FIELDS)
+        for n in range(1, SHAPE_PASSES + 1):
+            target = f"{p}_shape" if n == SHAPE_PASSES else f"{p}_shape{n}"
+            a, b = f"{p}_s{n}a", f"{p}_s{n}b"
+            shape_maps.append({
+                "source": source,
+                "target": target,
+                "regex": rf'~(?s)^(?<{a}>.*)"(?:{fields})"\s*:\s*"(?:[^"\\]|\\.)*"(?<{b}>.*)$',
+                "replacement": f"${{{a}}}${{{b}}}",
+            })
+            source = f"${target}"
+    return render_template(
+        "nginx/dispatcher.conf.j2",
+        d=d,
+        plan=plan,
+        p=p,
+        listen=_listen(d.listen, d.port),
+        routes=routes,
+        route_unknown=route_unknown,
+        route_missing=route_missing,
+        route_unreadable=route_unreadable,
+        error_routes=[route_unknown, route_missing, route_unreadable] if plan.route_by_model else [],
+        model_regex=MODEL_FIELD_REGEX.format(name=f"{p}_m"),
+        errors=errors,
+        plain_errors=plain_errors,
+        models_json=models_json,
+        shape_maps=shape_maps,
+    )
+
+
+def _listen(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+# --- systemd / supervisord ---------------------------------------------------------
+
+
+def launch_argv(plan: Plan, inst: Instance, *, supervisord: bool) -> list[str]:
+    d = plan.deployment
+    argv = [d.vfgen_bin, "launch"]
+    for lock in inst.locks:
+        argv += ["--lock", lock]
+    if supervisord:
+        for url in inst.after_urls:
+            argv += ["--after", url]
+    argv += ["--health-url", inst.url, "--served-model-name", inst.served_name, "--start-timeout", str(inst.start_timeout)]
+    if supervisord:
+        for key, value in inst.env:
+            argv += ["--env", f"{key}={value}"]
+    return argv + ["--", *inst.vllm_argv]
+
+
+def render_unit(plan: Plan, inst: Instance) -> str:
+    d = plan.deployment
+    lock_runtime_dir = d.lock_dir[len("/run/"):] if d.lock_dir.startswith("/run/") else None
+    return render_template(
+        "systemd/instance.service.j2",
+        d=d,
+        plan=plan,
+        inst=inst,
+        exec_start=launch_argv(plan, inst, supervisord=False),
+        exec_start_post=[d.vfgen_bin, "health", "wait", inst.url, "--model", inst.served_name, "--timeout", str(inst.start_timeout)],
+        stop_timeout=d.timeouts.shutdown + 15,
+        lock_runtime_dir=lock_runtime_dir,
+    )
+
+
+def render_supervisord(plan: Plan) -> str:
+    programs = [
+        {"inst": inst, "command": launch_argv(plan, inst, supervisord=True), "priority": 100 + inst.start_order}
+        for inst in plan.instances
+    ]
+    return render_template(
+        "supervisord/deployment.conf.j2", d=plan.deployment, plan=plan, programs=programs,
+        stop_timeout=plan.deployment.timeouts.shutdown + 15,
+    )
+
+
+def render_prometheus(plan: Plan) -> str:
+    targets = [
+        {
+            "targets": [inst.url.split("://", 1)[1]],
+            "labels": {
+                "deployment": plan.deployment.name,
+                "model": inst.served_name,
+                "instance_name": inst.name,
+                "gpu": ",".join(inst.gpus),
+            },
+        }
+        for inst in plan.instances
+    ]
+    return render_template("prometheus/targets.json.j2", targets=targets)
