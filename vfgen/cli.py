@@ -89,7 +89,7 @@ _DEPLOYMENT_PARAMS = [
     ("read_timeout", Optional[int], _OPTS(None, help="nginx proxy_read_timeout in seconds. [default: 3600]")),
     ("fail_timeout", Optional[int], _OPTS(None, help="Seconds nginx skips a failed backend. [default: 5]")),
     ("lock_dir", Optional[str], _OPTS(None, help="Directory of the per-GPU start locks. [default: /run/vfgen/locks]")),
-    ("log_dir", Optional[str], _OPTS(None, help="supervisord log directory. [default: /var/log/vfgen]")),
+    ("log_dir", Optional[str], _OPTS(None, help="supervisord log directory (must exist). [default: /var/log/supervisor]")),
     ("upstream_host", Optional[List[str]], _OPTS(None, help="Address of a GPU host running the backends (repeat); renders a remote load balancer.")),
 ]
 _GLOBAL_OPTIONS = {
@@ -112,6 +112,8 @@ def load_deployment(opts: dict[str, Any]):
     """Deployment from CLI options: a one-model file in memory, or -f plus global overrides."""
     from vfgen import config
 
+    opts = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()}
+    opts = {k: (None if v == [] else v) for k, v in opts.items()}
     overrides: dict[str, Any] = {k2: opts[k] for k, k2 in _GLOBAL_OPTIONS.items() if opts[k] is not None}
     timeouts = {k2: opts[k] for k, k2 in _TIMEOUT_OPTIONS.items() if opts[k] is not None}
     model_opts = {k2: opts[k] for k, k2 in _MODEL_OPTIONS.items() if opts[k] is not None}

@@ -105,7 +105,7 @@ class Deployment:
     max_queue: int | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
     lock_dir: str = "/run/vfgen/locks"
-    log_dir: str = "/var/log/vfgen"
+    log_dir: str = "/var/log/supervisor"  # exists wherever Debian's supervisor package is installed
     default_model: str | None = None
     source: str | None = None
 
@@ -174,7 +174,7 @@ def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deplo
         max_queue=None if data.get("max_queue") is None else v.integer("max_queue", data["max_queue"], low=0, high=100000),
         timeouts=timeouts,
         lock_dir=v.safe_path("lock_dir", data.get("lock_dir", "/run/vfgen/locks")),
-        log_dir=v.safe_path("log_dir", data.get("log_dir", "/var/log/vfgen")),
+        log_dir=v.safe_path("log_dir", data.get("log_dir", "/var/log/supervisor")),
         default_model=None if default_model is None else v.served_name("default_model", default_model),
         source=source,
     )

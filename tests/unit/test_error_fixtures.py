@@ -1,0 +1,72 @@
+"""Every error scenario is a fixture file carrying its own assertions.
+
+tests/fixtures/errors/*.yaml are deployment files run as
+`vfgen render -f FILE --output-dir DIR`; tests/fixtures/cli-errors/*.args
+hold one command line. Header lines `# expect-exit: N` and
+`# expect-stderr: TEXT` (repeatable) are the assertions. Every case must
+also leave the output directory empty and print no traceback.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vfgen.cli import app
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+
+
+def _expectations(path: Path) -> tuple[int, list[str], list[str]]:
+    code, stderr, body = None, [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# expect-exit:"):
+            code = int(line.split(":", 1)[1])
+        elif line.startswith("# expect-stderr:"):
+            stderr.append(line.split(":", 1)[1].strip())
+        elif line.strip() and not line.startswith("#"):
+            body.append(line)
+    assert code is not None and stderr, f"{path.name}: fixture lacks expect-exit / expect-stderr"
+    return code, stderr, body
+
+
+def _run(argv: list[str]):
+    return CliRunner().invoke(app, argv, catch_exceptions=False)
+
+
+def _check(path: Path, argv: list[str], out_dir: Path) -> None:
+    code, expected, _ = _expectations(path)
+    result = _run(argv)
+    stderr = result.stderr
+    assert result.exit_code == code, f"{path.name}: exit {result.exit_code}, stderr: {stderr}"
+    for text in expected:
+        assert text in stderr, f"{path.name}: {text!r} not in stderr:\n{stderr}"
+    assert "Traceback" not in stderr + result.stdout
+    if code == 1:
+        assert stderr.startswith("Error: "), stderr
+    assert not out_dir.exists() or not any(out_dir.rglob("*")), f"{path.name}: files were written"
+
+
+@pytest.mark.parametrize("path", sorted((FIXTURES / "errors").glob("*.yaml")), ids=lambda p: p.stem)
+def test_deployment_file_errors(path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _check(path, ["render", "-f", str(path), "--output-dir", str(out)], out)
+
+
+@pytest.mark.parametrize("path", sorted((FIXTURES / "cli-errors").glob("*.args")), ids=lambda p: p.stem)
+def test_cli_errors(path: Path, tmp_path: Path) -> None:
+    _, _, body = _expectations(path)
+    argv = [a.replace("{NL}", "\n") for a in shlex.split(body[0])]
+    out = tmp_path / "out"
+    if "--emit" not in argv:
+        argv += ["--output-dir", str(out)]
+    _check(path, argv, out)
+
+
+def test_verbose_shows_traceback() -> None:
+    with pytest.raises(Exception) as info:
+        CliRunner().invoke(app, ["--verbose", "render", "org/m", "-n", "0"], catch_exceptions=False)
+    assert "--instances=0" in str(info.value)
