@@ -1,0 +1,106 @@
+"""Placement, ports, memory shares and start order computed by vfgen.plan."""
+
+from __future__ import annotations
+
+import pytest
+
+from vfgen.config import parse_deployment
+from vfgen.errors import PlanError
+from vfgen.plan import build_plan
+
+
+def plan_of(**top):
+    models = top.pop("models")
+    return build_plan(parse_deployment({"models": models, **top}, source="test.yaml"))
+
+
+def test_auto_share_is_budget_over_instances_rounded_down():
+    plan = plan_of(models=[{"model": "m", "instances": 3}])
+    assert [i.memory_share for i in plan.instances] == ["0.30"] * 3  # 0.92/3 = 0.3066 -> 0.30
+    assert plan.gpus[0].total == "0.90"
+
+
+def test_ports_are_consecutive_from_port_start_and_user_port_is_separate():
+    plan = plan_of(port=8001, port_start=20000, models=[{"model": "a", "instances": 2}, {"model": "b", "instances": 2}])
+    assert [i.port for i in plan.instances] == [20000, 20001, 20002, 20003]
+    assert plan.dispatcher and plan.route_by_model
+
+
+def test_single_instance_serves_the_user_port_without_nginx():
+    plan = plan_of(listen="0.0.0.0", port=8123, models=[{"model": "m"}])
+    (inst,) = plan.instances
+    assert (inst.host, inst.port) == ("0.0.0.0", 8123)
+    assert inst.url == "http://127.0.0.1:8123"
+    assert not plan.dispatcher
+
+
+def test_instances_spread_round_robin_over_gpus_and_start_in_parallel_across_gpus():
+    plan = plan_of(models=[{"model": "m", "instances": 4, "gpus": [0, 1]}])
+    assert [i.gpus for i in plan.instances] == [("0",), ("1",), ("0",), ("1",)]
+    assert [i.start_order for i in plan.instances] == [1, 1, 2, 2]
+    assert plan.instances[2].after == (plan.instances[0].name,)
+    assert plan.instances[3].after == (plan.instances[1].name,)
+    assert [i.memory_share for i in plan.instances] == ["0.46"] * 4
+
+
+def test_start_is_serialised_per_gpu_across_models():
+    plan = plan_of(models=[{"model": "a", "gpus": [0]}, {"model": "b", "instances": 2, "gpus": [0]}])
+    a0, b0, b1 = plan.instances
+    assert b0.after == (a0.name,) and b1.after == (b0.name,)
+    assert [i.start_order for i in plan.instances] == [1, 2, 3]
+    assert all(i.locks == ("/run/vfgen/locks/gpu-0.lock",) for i in plan.instances)
+    # each may wait behind the two others before its own load
+    assert {i.start_timeout for i in plan.instances} == {3 * 900}
+
+
+def test_tensor_parallel_instance_takes_a_gpu_group_and_both_locks():
+    plan = plan_of(models=[
+        {"model": "big", "instances": 2, "tensor_parallel_size": 2, "gpus": [0, 1, 2, 3], "gpu_memory_utilization": 0.8},
+        {"model": "emb", "instances": 1, "gpus": [1]},
+    ])
+    big0, big1, emb = plan.instances
+    assert big0.gpus == ("0", "1") and big1.gpus == ("2", "3")
+    assert big0.locks == ("/run/vfgen/locks/gpu-0.lock", "/run/vfgen/locks/gpu-1.lock")
+    assert ("CUDA_VISIBLE_DEVICES", "0,1") in big0.env
+    assert "--tensor-parallel-size" in big0.vllm_argv
+    assert emb.after == (big0.name,) and emb.memory_share == "0.12"  # 0.92 - 0.80 left on GPU 1
+    assert {g.gpu: g.total for g in plan.gpus} == {"0": "0.80", "1": "0.92", "2": "0.80", "3": "0.80"}
+
+
+def test_explicit_shares_over_budget_show_the_per_gpu_table():
+    with pytest.raises(PlanError) as err:
+        plan_of(models=[{"model": "a", "name": "a", "gpu_memory_utilization": 0.5, "instances": 2}])
+    assert "GPU 0: explicit gpu-memory-utilization shares add up to 1.00, over the budget 0.92" in str(err.value)
+    assert "GPU 0: a/0=0.50, a/1=0.50" in str(err.value)
+
+
+def test_memory_budget_is_configurable():
+    plan = plan_of(memory_budget=0.5, models=[{"model": "m", "instances": 2}])
+    assert [i.memory_share for i in plan.instances] == ["0.25", "0.25"]
+
+
+def test_vllm_argv_carries_every_option_and_extra_args_last():
+    plan = plan_of(vllm_bin="/opt/v/bin/vllm", models=[{
+        "model": "org/m", "instances": 2, "served_model_name": "m", "aliases": ["m2"], "max_batch_size": 8,
+        "dtype": "bfloat16", "enforce_eager": True, "io_processor_plugin": "p_io", "max_model_len": 4096,
+        "extra_args": ["--trust-remote-code"],
+    }])
+    assert plan.instances[1].vllm_argv == (
+        "/opt/v/bin/vllm", "serve", "org/m", "--host", "127.0.0.1", "--port", "9101", "--served-model-name", "m", "m2",
+        "--max-num-seqs", "8", "--gpu-memory-utilization", "0.46", "--shutdown-timeout", "30", "--dtype", "bfloat16",
+        "--enforce-eager", "--io-processor-plugin", "p_io", "--max-model-len", "4096", "--trust-remote-code",
+    )
+
+
+def test_pool_caps_equal_max_batch_size_and_remote_hosts_multiply_servers():
+    plan = plan_of(host="0.0.0.0", upstream_hosts=["10.0.0.1", "10.0.0.2"], max_queue=3,
+                   models=[{"model": "m", "instances": 2, "max_batch_size": 16}])
+    (pool,) = plan.pools
+    assert pool.cap == 16 and pool.overflow_cap == 3
+    assert pool.servers == ("10.0.0.1:9100", "10.0.0.1:9101", "10.0.0.2:9100", "10.0.0.2:9101")
+
+
+def test_per_instance_env_is_applied_in_order():
+    plan = plan_of(models=[{"model": "m", "instances": 2, "env": {"A": "1"},
+                            "instance_env": [{"VLLM_CPU_OMP_THREADS_BIND": "0"}, {"VLLM_CPU_OMP_THREADS_BIND": "1"}]}])
+    assert plan.instances[1].env == (("CUDA_VISIBLE_DEVICES", "0"), ("A", "1"), ("VLLM_CPU_OMP_THREADS_BIND", "1"))
