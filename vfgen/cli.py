@@ -90,13 +90,14 @@ _DEPLOYMENT_PARAMS = [
     ("fail_timeout", Optional[int], _OPTS(None, help="Seconds nginx skips a failed backend. [default: 5]")),
     ("lock_dir", Optional[str], _OPTS(None, help="Directory of the per-GPU start locks. [default: /run/vfgen/locks]")),
     ("log_dir", Optional[str], _OPTS(None, help="supervisord log directory (must exist). [default: /var/log/supervisor]")),
+    ("gpu_memory", Optional[str], _OPTS(None, help="Memory of each GPU (e.g. 24GB) to check shares against local model dirs. [default: nvidia-smi, if present]")),
     ("upstream_host", Optional[List[str]], _OPTS(None, help="Address of a GPU host running the backends (repeat); renders a remote load balancer.")),
 ]
 _GLOBAL_OPTIONS = {
     "name": "name", "port": "port", "port_start": "port_start", "host": "host", "listen": "listen",
     "memory_budget": "memory_budget", "max_queue": "max_queue", "max_body_size": "max_body_size",
     "vllm_bin": "vllm_bin", "vfgen_bin": "vfgen_bin", "user": "user", "backend": "backend",
-    "lock_dir": "lock_dir", "log_dir": "log_dir", "upstream_host": "upstream_hosts",
+    "lock_dir": "lock_dir", "log_dir": "log_dir", "upstream_host": "upstream_hosts", "gpu_memory": "gpu_memory",
 }
 _TIMEOUT_OPTIONS = {"start_timeout": "start", "shutdown_timeout": "shutdown", "read_timeout": "read", "fail_timeout": "fail"}
 _MODEL_OPTIONS = {
@@ -196,12 +197,11 @@ def render(
 def plan(
     deployment,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    gpu_memory: Optional[str] = typer.Option(None, help="GPU memory size (e.g. 24GB) for the memory estimate; read from nvidia-smi when absent."),
 ) -> None:
-    """Show placement: instance, GPU, port, memory share and start order."""
+    """Show placement (instance, GPU, port, memory share, start order) and, for local model dirs, the memory estimate."""
     from vfgen import commands
 
-    commands.show_plan(deployment, as_json=as_json, gpu_memory=gpu_memory, out=sys.stdout)
+    commands.show_plan(deployment, as_json=as_json, out=sys.stdout)
 
 
 @health_app.command("check")

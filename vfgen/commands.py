@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
 from typing import TextIO
 
@@ -13,6 +14,21 @@ from vfgen.plan import Plan, build_plan
 from vfgen.render import Artefact, render_all
 
 ONLY_CHOICES = ("all", "backends", "dispatcher")
+
+
+def make_plan(d: Deployment) -> Plan:
+    """The plan, with GPU memory from nvidia-smi when a model dir is local and no size was given."""
+    from vfgen.plan import local_model_dir
+
+    gpu_bytes = d.gpu_memory_bytes
+    if gpu_bytes is None and any(local_model_dir(m.source) for m in d.models):
+        from vfgen.memory import detect_gpu_memory
+
+        gpu_bytes = detect_gpu_memory()
+    plan = build_plan(d, gpu_bytes)
+    for warning in plan.warnings:
+        sys.stderr.write(f"Warning: {warning}\n")
+    return plan
 
 
 def select_artefacts(plan: Plan, only: str) -> list[Artefact]:
@@ -50,7 +66,7 @@ def find_artefact(plan: Plan, emit: str) -> Artefact:
 def render(d: Deployment, *, emit: str | None, output_dir: Path | None, dry_run: bool, only: str, out: TextIO) -> None:
     from vfgen.output import plan_changes, write_tree
 
-    plan = build_plan(d)
+    plan = make_plan(d)
     if emit is not None:
         if output_dir is not None or dry_run:
             raise OutputError("--emit prints one file to stdout; it cannot be combined with --output-dir or --dry-run")
@@ -83,6 +99,16 @@ def plan_table(plan: Plan) -> str:
     for g in plan.gpus:
         gpu_rows.append((g.gpu, str(len(g.instances)), g.total, f"{plan.deployment.memory_budget:.2f}"))
     lines += _table(gpu_rows)
+    if plan.memory:
+        from vfgen.memory import format_bytes
+
+        lines.append("")
+        mem_rows = [("MODEL", "GPU MEMORY", "NEEDS/INSTANCE", "MINIMUM", "RECOMMENDED SHARE", "INSTANCES THAT FIT")]
+        for f in plan.memory:
+            mem_rows.append((f.model, format_bytes(f.gpu_bytes), format_bytes(f.need_bytes), format_bytes(f.min_bytes),
+                             f"{f.recommended_share:.2f}", str(f.instances_that_fit)))
+        lines += _table(mem_rows)
+        lines += [f"  note ({f.model}): {n}" for f in plan.memory for n in f.notes]
     d = plan.deployment
     lines.append("")
     if plan.dispatcher:
@@ -113,6 +139,12 @@ def plan_json(plan: Plan) -> dict:
             {"gpu": g.gpu, "instances": list(g.instances), "shares": [float(s) for s in g.shares], "total": float(g.total)}
             for g in plan.gpus
         ],
+        "memory": [
+            {"model": f.model, "gpu_bytes": f.gpu_bytes, "need_bytes": f.need_bytes, "min_bytes": f.min_bytes,
+             "recommended_share": f.recommended_share, "instances_that_fit": f.instances_that_fit, "notes": list(f.notes)}
+            for f in plan.memory
+        ],
+        "warnings": list(plan.warnings),
         "pools": [
             {"model": p.model, "upstream": p.upstream, "servers": list(p.servers), "cap": p.cap, "served_names": list(p.served_names)}
             for p in plan.pools
@@ -125,8 +157,8 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
 
 
-def show_plan(d: Deployment, *, as_json: bool, gpu_memory: str | None, out: TextIO) -> None:
-    plan = build_plan(d)
+def show_plan(d: Deployment, *, as_json: bool, out: TextIO) -> None:
+    plan = make_plan(d)
     if as_json:
         out.write(json.dumps(plan_json(plan), indent=2) + "\n")
     else:

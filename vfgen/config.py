@@ -107,6 +107,7 @@ class Deployment:
     lock_dir: str = "/run/vfgen/locks"
     log_dir: str = "/var/log/supervisor"  # exists wherever Debian's supervisor package is installed
     default_model: str | None = None
+    gpu_memory_bytes: int | None = None  # per GPU; None: read from nvidia-smi when a model dir is local
     source: str | None = None
 
     @property
@@ -176,6 +177,7 @@ def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deplo
         lock_dir=v.safe_path("lock_dir", data.get("lock_dir", "/run/vfgen/locks")),
         log_dir=v.safe_path("log_dir", data.get("log_dir", "/var/log/supervisor")),
         default_model=None if default_model is None else v.served_name("default_model", default_model),
+        gpu_memory_bytes=None if data.get("gpu_memory") is None else v.size("gpu_memory", data["gpu_memory"]),
         source=source,
     )
     if deployment.default_model is not None and deployment.default_model not in deployment.all_served_names:
@@ -188,7 +190,7 @@ def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deplo
 _GLOBAL_KEYS = {
     "name", "models", "listen", "port", "port_start", "host", "upstream_hosts", "backend", "user",
     "vllm_bin", "vfgen_bin", "memory_budget", "min_memory_share", "max_body_size", "max_queue",
-    "timeouts", "lock_dir", "log_dir", "default_model",
+    "timeouts", "lock_dir", "log_dir", "default_model", "gpu_memory",
 }
 _TIMEOUT_KEYS = {"start", "shutdown", "read", "connect", "fail"}
 _MODEL_KEYS = {
@@ -402,6 +404,14 @@ class _Validator:
         if not _NGINX_SIZE.fullmatch(text) or int(_NGINX_SIZE.fullmatch(text).group(1)) == 0:
             raise self.error(name, value, "must be a size like 512k, 32m or 1048576")
         return text.lower()
+
+    def size(self, name: str, value: Any) -> int:
+        from vfgen.memory import parse_size
+
+        try:
+            return parse_size(self.text(name, value))
+        except ConfigError as exc:
+            raise self.error(name, value, exc.reason) from None
 
     def token(self, name: str, value: Any) -> str:
         text = self.text(name, value)

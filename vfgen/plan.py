@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from vfgen.config import Deployment, ModelSpec
 from vfgen.errors import PlanError
@@ -61,6 +62,19 @@ class GpuUsage:
 
 
 @dataclass(frozen=True)
+class MemoryFit:
+    """The memory estimate of one model whose directory is local (see vfgen.memory)."""
+
+    model: str
+    gpu_bytes: int
+    need_bytes: int  # per instance and GPU, full workload
+    min_bytes: int  # weights + overhead + one full-length sequence
+    recommended_share: float
+    instances_that_fit: int
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Plan:
     deployment: Deployment
     instances: tuple[Instance, ...]
@@ -70,14 +84,23 @@ class Plan:
     route_by_model: bool  # inspect the JSON body for "model" (several models)
     target: str  # systemd target grouping every instance
     nginx_prefix: str  # prefix of nginx variables, which allow only [A-Za-z0-9_]
+    memory: tuple[MemoryFit, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     def instances_of(self, model: str) -> tuple[Instance, ...]:
         return tuple(i for i in self.instances if i.model == model)
 
 
-def build_plan(d: Deployment) -> Plan:
+def local_model_dir(source: str) -> Path | None:
+    path = Path(source)
+    return path if (path / "config.json").is_file() else None
+
+
+def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
+    """`gpu_bytes` (memory of each GPU) enables the checks against local model configs."""
     placements = _place(d)
     shares = _memory_shares(d, placements)
+    memory, warnings = _memory_fits(d, placements, shares, gpu_bytes or d.gpu_memory_bytes)
     total = len(placements)
     single = len(d.models) == 1 and total == 1 and not d.upstream_hosts
     ports = _ports(d, total, single)
@@ -124,6 +147,8 @@ def build_plan(d: Deployment) -> Plan:
         route_by_model=len(d.models) > 1,
         target=f"{d.name}.target",
         nginx_prefix="vfgen_" + d.name.replace("-", "_"),
+        memory=memory,
+        warnings=warnings,
     )
 
 
@@ -167,6 +192,37 @@ def _memory_shares(d: Deployment, placements) -> list[float]:
             ))
         shares.append(share)
     return shares
+
+
+def _memory_fits(d: Deployment, placements, shares, gpu_bytes: int | None):
+    """Estimate local models; an auto share too small to start is an error, an explicit one a warning."""
+    if not gpu_bytes:
+        return (), ()
+    from vfgen import memory
+
+    fits, warnings = [], []
+    for m in d.models:
+        model_dir = local_model_dir(m.source)
+        if model_dir is None:
+            continue
+        mem = memory.estimate(
+            model_dir, dtype=m.dtype or "auto", max_num_seqs=m.max_batch_size, max_model_len=m.max_model_len,
+            tensor_parallel_size=m.tensor_parallel_size, enforce_eager=m.enforce_eager,
+            pooling=True if _runner_is_pooling(m.extra_args) else None,
+        )
+        fits.append(MemoryFit(m.key, gpu_bytes, mem.total_bytes, mem.min_bytes, memory.recommend_share(mem, gpu_bytes),
+                              memory.instances_that_fit(mem, gpu_bytes, d.memory_budget), mem.notes))
+        share = min(s for (pm, _, _), s in zip(placements, shares) if pm is m)
+        problem = memory.share_warning(mem, gpu_bytes, share)
+        if problem and m.memory_share is None:
+            raise PlanError(_budget_error(d, placements, f"{m.key}: the auto share {share:.2f} cannot start it: {problem}"))
+        if problem:
+            warnings.append(f"{m.key}: {problem}")
+    return tuple(fits), tuple(warnings)
+
+
+def _runner_is_pooling(args: tuple[str, ...]) -> bool:
+    return "--runner=pooling" in args or any(a == "--runner" and b == "pooling" for a, b in zip(args, args[1:]))
 
 
 def _budget_error(d: Deployment, placements, headline: str) -> str:

@@ -104,3 +104,24 @@ def test_per_instance_env_is_applied_in_order():
     plan = plan_of(models=[{"model": "m", "instances": 2, "env": {"A": "1"},
                             "instance_env": [{"VLLM_CPU_OMP_THREADS_BIND": "0"}, {"VLLM_CPU_OMP_THREADS_BIND": "1"}]}])
     assert plan.instances[1].env == (("CUDA_VISIBLE_DEVICES", "0"), ("A", "1"), ("VLLM_CPU_OMP_THREADS_BIND", "1"))
+
+
+MODERNBERT = str(__import__("pathlib").Path(__file__).parent.parent / "fixtures/models/modernbert-base")
+
+
+def test_local_model_dir_is_checked_against_gpu_memory():
+    plan = plan_of(gpu_memory="24GB", models=[{"model": MODERNBERT, "name": "mb", "instances": 4}])
+    (fit,) = plan.memory
+    assert fit.instances_that_fit == 6 and fit.recommended_share == 0.14
+
+
+def test_auto_share_too_small_for_a_local_model_is_an_error_with_the_table():
+    with pytest.raises(PlanError) as err:
+        plan_of(gpu_memory="24GB", models=[{"model": MODERNBERT, "name": "mb", "instances": 8}])
+    assert "mb: the auto share 0.11 cannot start it" in str(err.value)
+    assert "Use at least 0.14" in str(err.value) and "GPU 0: mb/0=auto" in str(err.value)
+
+
+def test_explicit_share_too_small_is_a_warning():
+    plan = plan_of(gpu_memory="24GB", models=[{"model": MODERNBERT, "name": "mb", "gpu_memory_utilization": 0.05}])
+    assert plan.warnings and "Use at least 0.14" in plan.warnings[0]
