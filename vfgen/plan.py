@@ -32,6 +32,7 @@ class Instance:
     env: tuple[tuple[str, str], ...]  # CUDA_VISIBLE_DEVICES first, then model, then instance env
     vllm_argv: tuple[str, ...]
     start_timeout: int  # includes waiting behind every other instance on its GPUs
+    unit_start_timeout: int  # systemd TimeoutStartSec: the health wait plus a margin to start it
 
     @property
     def unit(self) -> str:
@@ -132,6 +133,7 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
             env=_env(model, index, gpus),
             vllm_argv=_vllm_argv(d, model, host, ports[n], f"{shares[n]:.2f}"),
             start_timeout=d.timeouts.start * queue,
+            unit_start_timeout=d.timeouts.start * queue + 60,
         )
         instances.append(inst)
         for g in gpus:

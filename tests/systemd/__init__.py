@@ -1,0 +1,1 @@
+"""Tests that boot a real systemd 252 in systemd-nspawn (marker: systemd)."""

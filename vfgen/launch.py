@@ -1,0 +1,362 @@
+"""Run one `vllm serve` so that no two instances on a GPU are ever starting at the same time.
+
+vLLM corrupts its memory accounting when two instances start together on one GPU, so
+every instance runs under this launcher, which:
+
+1. waits (bounded by --start-timeout) until every --after instance is healthy;
+2. takes every --lock file with flock(LOCK_EX), in sorted path order so tensor-parallel
+   instances sharing GPUs cannot deadlock; the kernel drops a flock when its holder
+   dies, so no stale lock survives a kill -9 or a reboot;
+3. starts the child with PR_SET_PDEATHSIG=SIGKILL, so it never outlives the launcher,
+   and without the lock fds;
+4. forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to the child;
+5. releases the locks once --health-url is healthy (as `vfgen health wait` defines it),
+   or when the child exits first, or after killing it at --start-timeout;
+6. waits for the child and exits with its exit code (128+N when killed by signal N).
+
+Usage: python -m vfgen.launch [--lock PATH]... [--after URL]... --health-url URL
+       [--served-model-name NAME] [--start-timeout S] [--env KEY=VALUE]... [--] COMMAND...
+
+It wraps every vLLM process for its whole life, so it imports only the standard library
+and the probe from vfgen.health. All its lines go to stderr, prefixed
+`vfgen-launch[<served name>:<port>]:`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from urllib.parse import urlparse
+
+from vfgen.health import Target, probe, wait
+
+STOP_GRACE_S = 10.0  # SIGTERM → SIGKILL delay for a child that missed --start-timeout
+LOCK_POLL_S = 0.1
+LOCK_REPORT_EVERY_S = 10.0
+HEALTH_POLL_S = 0.5
+HEALTH_REPORT_EVERY_S = 30.0
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a child that exits 0 (or dies of these) after them stopped cleanly
+PR_SET_PDEATHSIG = 1
+
+
+class _StopRequested(BaseException):
+    """A stop signal arrived before the child existed (BaseException: no library may swallow it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vfgen launch", allow_abbrev=False,
+        description="Start a vLLM instance under per-GPU start-up locks.",
+        usage="%(prog)s [options] -- COMMAND [ARG...]",
+    )
+    parser.add_argument("--lock", action="append", default=[], metavar="PATH",
+                        help="lock file held from before the start until healthy (repeatable)")
+    parser.add_argument("--after", action="append", default=[], metavar="URL",
+                        help="instance that must be healthy before this one starts (repeatable)")
+    parser.add_argument("--health-url", required=True, metavar="URL", help="base URL of this instance")
+    parser.add_argument("--served-model-name", default=None, metavar="NAME",
+                        help="model /v1/models must list (default: any)")
+    parser.add_argument("--start-timeout", type=_positive, default=900.0, metavar="S")
+    parser.add_argument("--env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment variable for the child (repeatable)")
+    return parser
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = _parser()
+    # The command is everything from the first non-option word on, so the `--` before it is
+    # optional: click (typer) swallows it when the CLI passes these arguments through.
+    parser.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("nothing to run: give the command after `--`")
+    return args, command
+
+
+def _load_prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux
+
+
+class _Launcher:
+    def __init__(self, args: argparse.Namespace, command: list[str]):
+        self.args = args
+        self.command = command
+        try:
+            port = urlparse(args.health_url).port
+        except ValueError:
+            port = None
+        self.label = f"{args.served_model_name or 'vllm'}:{port if port is not None else '?'}"
+        self.prefix = f"vfgen-launch[{self.label}]: "
+        self.child_env = {**os.environ, **dict(args.env)}
+        self.locks: list[tuple[str, int]] = []  # (path, fd), in acquisition order
+        self.child: subprocess.Popen | None = None
+        self.spawning = False
+        self.signals: list[int] = []  # every signal received since the child exists or is forking
+        self.arrived_while_forking: list[int] = []
+
+    # Written with os.write: a signal handler may log while the main code is logging,
+    # and Python's buffered streams raise on such re-entrant writes.
+    def say(self, message: str) -> None:
+        try:
+            os.write(2, (self.prefix + message + "\n").encode(errors="replace"))
+        except OSError:
+            pass
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.child is not None:
+            self.signals.append(signum)
+            self._forward(signum)
+        elif self.spawning:
+            self.signals.append(signum)
+            self.arrived_while_forking.append(signum)  # forwarded as soon as Popen returns
+        else:
+            raise _StopRequested(signum)
+
+    def _forward(self, signum: int) -> None:
+        if self.child is None or self.child.returncode is not None:
+            return  # never signal a reaped pid: it may belong to someone else by now
+        self.say(f"forwarding {signal.Signals(signum).name} to pid {self.child.pid}")
+        try:
+            os.kill(self.child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def _stop_requested(self) -> bool:
+        return any(sig in STOP_SIGNALS for sig in self.signals)
+
+    # -- 1. predecessors ---------------------------------------------------------------
+    def wait_for_predecessors(self) -> None:
+        if not self.args.after:
+            return
+        status = wait(self.args.after, model=None, timeout=self.args.start_timeout, out=_PrefixedOut(self.say))
+        if status != 0:
+            self.say(f"warning: {', '.join(self.args.after)} not healthy after {self.args.start_timeout:g}s; "
+                     "starting anyway")
+
+    # -- 2. locks ----------------------------------------------------------------------
+    def take_locks(self) -> None:
+        for path in sorted({os.path.abspath(p) for p in self.args.lock}):
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.locks.append((path, fd))
+            began = time.monotonic()
+            next_report = began
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    now = time.monotonic()
+                    if now >= next_report:
+                        self.say(f"waiting for lock {path} ({_holder(fd)}; {now - began:.0f}s so far)")
+                        next_report = now + LOCK_REPORT_EVERY_S
+                    time.sleep(LOCK_POLL_S)
+            if time.monotonic() - began > LOCK_POLL_S:
+                self.say(f"acquired lock {path} after {time.monotonic() - began:.1f}s")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {self.label}\n".encode(), 0)
+
+    def release_locks(self) -> list[str]:
+        released = []
+        for path, fd in reversed(self.locks):
+            try:
+                os.ftruncate(fd, 0)  # so the next waiter does not report us as the holder
+            except OSError:
+                pass
+            os.close(fd)
+            released.append(path)
+        self.locks.clear()
+        return released[::-1]
+
+    # -- 3. child ----------------------------------------------------------------------
+    def spawn(self) -> None:
+        prctl = _load_prctl()
+        if prctl is None:
+            self.say("warning: prctl unavailable; the child may outlive a killed launcher")
+        launcher_pid = os.getpid()
+
+        def die_with_launcher() -> None:  # runs in the child between fork and exec
+            if prctl is not None:
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
+                os._exit(1)
+
+        self.spawning = True
+        try:
+            self.child = subprocess.Popen(self.command, env=self.child_env, close_fds=True,
+                                          preexec_fn=die_with_launcher)
+        finally:
+            self.spawning = False
+        self.say(f"started pid {self.child.pid}: {' '.join(self.command)}")
+        for signum in self.arrived_while_forking:
+            self._forward(signum)
+
+    # -- 5. until healthy --------------------------------------------------------------
+    def wait_until_healthy(self) -> int | None:
+        """None once healthy (locks released); otherwise the launcher's exit code."""
+        assert self.child is not None
+        target = Target(name=self.label, url=self.args.health_url, expected_model=self.args.served_model_name)
+        api_key = self.child_env.get("VLLM_API_KEY")
+        started = time.monotonic()
+        deadline = started + self.args.start_timeout
+        next_report = started + HEALTH_REPORT_EVERY_S
+        while True:
+            code = self.child.poll()
+            if code is not None:
+                return self._exited_before_healthy(code)
+            if self._stop_requested():
+                return self.wait_for_exit()  # locks stay held until the child has freed the GPU
+            now = time.monotonic()
+            result = probe(target, timeout=max(0.1, min(2.0, deadline - now)), api_key=api_key)
+            now = time.monotonic()
+            if result.state == "healthy":
+                released = self.release_locks()
+                what = f"released GPU lock(s) {', '.join(released)}" if released else "no GPU locks to release"
+                self.say(f"healthy after {now - started:.1f}s; {what}")
+                return None
+            if now >= deadline:
+                self.say(f"not healthy after {self.args.start_timeout:g}s ({result.state}: {result.detail}); "
+                         f"stopping pid {self.child.pid}")
+                self._terminate_child()
+                self.release_locks()
+                return 1
+            if now >= next_report:
+                self.say(f"starting for {now - started:.0f}s: {result.state} ({result.detail})")
+                next_report = now + HEALTH_REPORT_EVERY_S
+            try:
+                self.child.wait(timeout=HEALTH_POLL_S)  # sleeps, but wakes as soon as the child exits
+            except subprocess.TimeoutExpired:
+                pass
+
+    def _exited_before_healthy(self, code: int) -> int:
+        released = self.release_locks()
+        if self._stop_requested() and (code == 0 or -code in STOP_SIGNALS):
+            self.say(f"child stopped before becoming healthy ({_describe_exit(code)}); exiting 0")
+            return 0
+        self.say(f"child {_describe_exit(code)} before becoming healthy"
+                 + (f"; released GPU lock(s) {', '.join(released)}" if released else ""))
+        if code == 0:
+            return 1  # a server that exits 0 before serving has failed
+        return 128 - code if code < 0 else code
+
+    def _terminate_child(self) -> None:
+        assert self.child is not None
+        try:
+            self.child.terminate()
+            self.child.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.say(f"pid {self.child.pid} ignored SIGTERM for {STOP_GRACE_S:g}s; sending SIGKILL")
+            self.child.kill()
+            self.child.wait()
+
+    # -- 6. until the child exits ------------------------------------------------------
+    def wait_for_exit(self) -> int:
+        assert self.child is not None
+        code = self.child.wait()
+        self.release_locks()
+        if self._stop_requested() and (code == 0 or -code in STOP_SIGNALS):
+            self.say(f"child stopped ({_describe_exit(code)}); exiting 0")
+            return 0
+        self.say(f"child {_describe_exit(code)}")
+        return 128 - code if code < 0 else code
+
+    def run(self) -> int:
+        for signum in FORWARDED_SIGNALS:
+            signal.signal(signum, self._on_signal)
+        try:
+            self.wait_for_predecessors()
+            try:
+                self.take_locks()
+            except OSError as exc:
+                self.release_locks()
+                self.say(f"cannot take lock: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else ""))
+                return 1
+            try:
+                self.spawn()
+            except OSError as exc:
+                self.release_locks()
+                self.say(f"cannot start {self.command[0]}: {exc.strerror or exc}")
+                return 127 if isinstance(exc, FileNotFoundError) else 126
+        except _StopRequested as stop:
+            self.release_locks()
+            self.say(f"received {signal.Signals(stop.signum).name} before the child started; exiting")
+            return 0 if stop.signum in STOP_SIGNALS else 128 + stop.signum
+        result = self.wait_until_healthy()
+        return result if result is not None else self.wait_for_exit()
+
+
+class _PrefixedOut:
+    """A minimal text stream that sends each complete line to the launcher's `say`."""
+
+    def __init__(self, say):
+        self._say = say
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            self._say(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock, from what the holder wrote into the file."""
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    pid, _, label = text.partition(" ")
+    if not pid.isdigit():
+        return "held by a process that has not written its pid yet"
+    return f"held by pid {pid}" + (f" ({label})" if label else "")
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def main(argv: list[str]) -> int:
+    args, command = _parse(argv)
+    return _Launcher(args, command).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
