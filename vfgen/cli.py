@@ -138,8 +138,13 @@ def load_deployment(opts: dict[str, Any]):
     return config.parse_deployment(raw, source=None)
 
 
-def deployment_command(fn):
-    """Give `fn` the shared deployment options; it receives `deployment` instead."""
+def deployment_command(fn=None, *, optional: bool = False):
+    """Give `fn` the shared deployment options; it receives `deployment` instead.
+
+    With optional=True a command run without MODEL and -f gets deployment=None.
+    """
+    if fn is None:
+        return functools.partial(deployment_command, optional=optional)
     own = [p for name, p in inspect.signature(fn).parameters.items() if name != "deployment"]
     params = [_P(name, _P.KEYWORD_ONLY, default=default, annotation=annot) for name, annot, default in _DEPLOYMENT_PARAMS]
 
@@ -147,7 +152,8 @@ def deployment_command(fn):
     def wrapper(**kwargs):
         opts = {name: kwargs.pop(name) for name, _, _ in _DEPLOYMENT_PARAMS}
         try:
-            deployment = load_deployment(opts)
+            absent = optional and opts["model"] is None and opts["file"] is None
+            deployment = None if absent else load_deployment(opts)
             return fn(deployment=deployment, **kwargs)
         except VfgenError as exc:
             _fail(exc)
@@ -205,31 +211,22 @@ def plan(
 
 
 @health_app.command("check")
-@deployment_command
+@deployment_command(optional=True)
 def health_check(
     deployment,
+    url: Optional[List[str]] = typer.Option(None, "--url", help="Probe this base URL instead of a deployment (repeatable)."),
+    model_name: Optional[str] = typer.Option(None, "--expect-model", help="With --url: the served name each URL must list."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     timeout: float = typer.Option(2.0, help="Seconds per probe."),
 ) -> None:
-    """Probe every instance and the dispatcher. Exit 0 healthy, 1 degraded, 2 down."""
+    """Probe every instance and the dispatcher of a deployment (same arguments as render), or --url URLs.
+
+    Exit codes, as for a Nagios check: 0 all healthy, 1 degraded (some not
+    healthy), 2 nothing serving (all down, or the dispatcher down).
+    """
     from vfgen import commands
 
-    raise typer.Exit(commands.health_check(deployment, as_json=as_json, timeout=timeout))
-
-
-@health_app.command("urls")
-@domain_errors
-def health_urls(
-    urls: List[str] = typer.Argument(..., help="Base URLs, e.g. http://127.0.0.1:9100"),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    model: Optional[str] = typer.Option(None, help="Served name each URL must list."),
-    timeout: float = typer.Option(2.0, help="Seconds per probe."),
-) -> None:
-    """Probe explicit URLs. Exit 0 healthy, 1 degraded, 2 down."""
-    from vfgen import health
-
-    targets = [health.Target(name=u, url=u.rstrip("/"), expected_model=model) for u in urls]
-    raise typer.Exit(health.check(targets, timeout=timeout, as_json=as_json))
+    raise typer.Exit(commands.health_check(deployment, urls=url or [], expected_model=model_name, as_json=as_json, timeout=timeout))
 
 
 @health_app.command("wait")

@@ -179,10 +179,16 @@ def health_targets(plan: Plan):
     return targets
 
 
-def health_check(d: Deployment, *, as_json: bool, timeout: float) -> int:
+def health_check(d: Deployment | None, *, urls: list[str], expected_model: str | None, as_json: bool, timeout: float) -> int:
     from vfgen import health
 
-    return health.check(health_targets(build_plan(d)), timeout=timeout, as_json=as_json)
+    if urls:
+        targets = [health.Target(name=u, url=u.rstrip("/"), expected_model=expected_model) for u in urls]
+    elif d is None:
+        raise OutputError("give a deployment (MODEL or -f FILE, as for render) or --url URL")
+    else:
+        targets = health_targets(build_plan(d))
+    return health.check(targets, timeout=timeout, as_json=as_json)
 
 
 def rollout(d: Deployment, *, timeout: float | None, supervisorctl: str | None, systemctl: str | None) -> int:
