@@ -269,6 +269,18 @@ def rollout(
     raise typer.Exit(commands.rollout(deployment, timeout=timeout, supervisorctl=supervisorctl, systemctl=systemctl))
 
 
+@app.command()
+@domain_errors
+def demo(keep: bool = typer.Option(False, "--keep", help="Keep the temporary directory (rendered files, logs).")) -> None:
+    """Run a two-model deployment with stand-in vLLM backends under nginx + supervisord, show routing, tear down.
+
+    Needs nginx and supervisord installed (Debian: apt-get install nginx-light supervisor); no GPU.
+    """
+    from vfgen.demo import run_demo
+
+    raise typer.Exit(run_demo(sys.stdout, keep=keep))
+
+
 def main() -> None:
     app()
 

@@ -10,6 +10,8 @@ import time
 from contextlib import closing
 from typing import Sequence
 
+from vfgen.local import free_port_block
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
@@ -17,26 +19,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def free_port_range(count: int, host: str = "127.0.0.1", low: int = 20000, high: int = 60000) -> int:
-    """First port of `count` consecutive free ports (checked by binding each)."""
-    import random
-
-    rng = random.Random(os.getpid() ^ int(time.time() * 1000))
-    for _ in range(200):
-        start = rng.randrange(low, high - count)
-        socks = []
-        try:
-            for port in range(start, start + count):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(sock)
-                sock.bind((host, port))
-            return start
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no {count} consecutive free ports found")
+def free_port_range(count: int, host: str = "127.0.0.1") -> int:
+    """First port of `count` consecutive free ports."""
+    return free_port_block(count, host)
 
 
 def wait_port(host: str, port: int, timeout: float = 20.0) -> None:
