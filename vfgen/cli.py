@@ -21,7 +21,6 @@ from vfgen.errors import VfgenError
 app = typer.Typer(
     help="Render systemd units or a supervisord conf for N vLLM instances per model, plus a stock-nginx dispatcher.",
     context_settings={"help_option_names": ["-h", "--help"]},
-    no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
@@ -32,14 +31,18 @@ app.add_typer(health_app, name="health")
 _state = {"verbose": False}
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _main(
+    ctx: typer.Context,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
 ) -> None:
     if version:
         typer.echo(f"vfgen {__version__}")
         raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
     _state["verbose"] = verbose
 
 
@@ -92,12 +95,20 @@ _DEPLOYMENT_PARAMS = [
     ("log_dir", Optional[str], _OPTS(None, help="supervisord log directory (must exist). [default: /var/log/supervisor]")),
     ("gpu_memory", Optional[str], _OPTS(None, help="Memory of each GPU (e.g. 24GB) to check shares against local model dirs. [default: nvidia-smi, if present]")),
     ("upstream_host", Optional[List[str]], _OPTS(None, help="Address of a GPU host running the backends (repeat); renders a remote load balancer.")),
+    ("api_key_file", Optional[str], _OPTS(None, help="File of API keys, one per line, mode 0600; nginx answers 401 without one. [default: no keys]")),
+    ("tls_certificate", Optional[str], _OPTS(None, help="TLS certificate (PEM) for the dispatcher; needs --tls-certificate-key.")),
+    ("tls_certificate_key", Optional[str], _OPTS(None, help="TLS private key (PEM) for the dispatcher.")),
+    ("rate_limit", Optional[str], _OPTS(None, help="Requests per client address, e.g. 20r/s or 600r/m; past it 429. [default: none]")),
+    ("rate_limit_burst", Optional[int], _OPTS(None, help="Requests over --rate-limit a client may send at once. [default: one second's worth]")),
+    ("nginx_dir", Optional[str], _OPTS(None, help="nginx's directory on the dispatcher host; the keys map is included from there. [default: /etc/nginx]")),
 ]
 _GLOBAL_OPTIONS = {
     "name": "name", "port": "port", "port_start": "port_start", "host": "host", "listen": "listen",
     "memory_budget": "memory_budget", "max_queue": "max_queue", "max_body_size": "max_body_size",
     "vllm_bin": "vllm_bin", "vfgen_bin": "vfgen_bin", "user": "user", "backend": "backend",
     "lock_dir": "lock_dir", "log_dir": "log_dir", "upstream_host": "upstream_hosts", "gpu_memory": "gpu_memory",
+    "api_key_file": "api_key_file", "tls_certificate": "tls_certificate", "tls_certificate_key": "tls_certificate_key",
+    "rate_limit": "rate_limit", "rate_limit_burst": "rate_limit_burst", "nginx_dir": "nginx_dir",
 }
 _TIMEOUT_OPTIONS = {"start_timeout": "start", "shutdown_timeout": "shutdown", "read_timeout": "read", "fail_timeout": "fail"}
 _MODEL_OPTIONS = {

@@ -70,3 +70,10 @@ def test_verbose_shows_traceback() -> None:
     with pytest.raises(Exception) as info:
         CliRunner().invoke(app, ["--verbose", "render", "org/m", "-n", "0"], catch_exceptions=False)
     assert "--instances=0" in str(info.value)
+
+
+def test_version_and_bare_invocation() -> None:
+    version = CliRunner().invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.stdout.startswith("vfgen ")
+    bare = CliRunner().invoke(app, [])
+    assert bare.exit_code == 2 and "render" in bare.stdout
