@@ -21,8 +21,20 @@ from vfgen.errors import VfgenError
 _SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
 
-def free_port_block(count: int, host: str = "127.0.0.1", low: int = 20000, high: int = 60000) -> int:
-    """First of `count` consecutive ports that are free right now (each checked by binding it)."""
+def _ephemeral_low() -> int:
+    """Start of the kernel's range for outgoing connections, which may grab a port we picked."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port_block(count: int, host: str = "127.0.0.1", low: int = 20000, high: int | None = None) -> int:
+    """First of `count` consecutive ports that are free right now (each checked by binding it).
+
+    By default the ports lie below the ephemeral range, so no client connection takes them meanwhile.
+    """
+    high = high or max(low + count + 1, _ephemeral_low())
     rng = random.Random()
     for _ in range(200):
         start = rng.randrange(low, high - count)
