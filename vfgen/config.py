@@ -9,7 +9,9 @@ wrote it: `--port` on the CLI, `models[1].gpus` in a file) and the value.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -47,12 +49,19 @@ MANAGED_VLLM_FLAGS = {
 RESERVED_ENV = {"CUDA_VISIBLE_DEVICES": "cuda-devices / gpus"}
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # YAML "\ud800" escapes make them; no file can be written with one
 _SLUG = re.compile(r"[a-z][a-z0-9-]{0,39}")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
-_EXECUTABLE = re.compile(r"[A-Za-z0-9._/+][A-Za-z0-9._/+-]*")
+# No leading '+' (or '-', '@', ':', '!'): as the first word of ExecStart= systemd reads those as prefixes.
+_EXECUTABLE = re.compile(r"[A-Za-z0-9._/][A-Za-z0-9._/+-]*")
+_RATE = re.compile(r"([1-9][0-9]{0,5})r/([sm])")
+# API keys: printable ASCII without space, quote, backslash or '$' (they sit in an nginx string).
+_API_KEY = re.compile(r"[!#%-\[\]-~]+")
+API_KEY_MIN_LENGTH = 16
+API_KEY_MAX_LENGTH = 512
 _NGINX_SIZE = re.compile(r"([0-9]{1,9})([kKmM]?)")
 _DTYPE_ALIASES = {d: d for d in DTYPES}
 
@@ -108,6 +117,13 @@ class Deployment:
     log_dir: str = "/var/log/supervisor"  # exists wherever Debian's supervisor package is installed
     default_model: str | None = None
     gpu_memory_bytes: int | None = None  # per GPU; None: read from nvidia-smi when a model dir is local
+    # The edge (nginx): all optional; see docs/security.md.
+    nginx_dir: str = "/etc/nginx"  # where nginx's files live on the dispatcher host
+    api_key_file: str | None = None  # operator's key file (one per line, mode 0600); read at render time
+    tls_certificate: str | None = None
+    tls_certificate_key: str | None = None
+    rate_limit: str | None = None  # per client address, nginx syntax: 20r/s or 600r/m
+    rate_limit_burst: int = 0
     source: str | None = None
 
     @property
@@ -179,10 +195,120 @@ def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deplo
         default_model=None if default_model is None else v.served_name("default_model", default_model),
         gpu_memory_bytes=None if data.get("gpu_memory") is None else v.size("gpu_memory", data["gpu_memory"]),
         source=source,
+        **_edge(v, data),
     )
     if deployment.default_model is not None and deployment.default_model not in deployment.all_served_names:
         raise v.error("default_model", default_model, f"is not a served name (served: {', '.join(deployment.all_served_names)})")
+    _check_edge(v, deployment)
     return deployment
+
+
+def _edge(v: "_Validator", data: Mapping[str, Any]) -> dict[str, Any]:
+    """The optional nginx edge settings: API keys, TLS, per-client rate limit."""
+    def path(key: str) -> str | None:
+        return None if data.get(key) is None else v.safe_path(key, data[key])
+
+    edge: dict[str, Any] = {
+        "nginx_dir": v.safe_path("nginx_dir", data.get("nginx_dir", "/etc/nginx")),
+        "api_key_file": path("api_key_file"),
+        "tls_certificate": path("tls_certificate"),
+        "tls_certificate_key": path("tls_certificate_key"),
+    }
+    if (edge["tls_certificate"] is None) != (edge["tls_certificate_key"] is None):
+        missing = "tls_certificate_key" if edge["tls_certificate_key"] is None else "tls_certificate"
+        given = "tls_certificate" if missing == "tls_certificate_key" else "tls_certificate_key"
+        raise v.error(missing, None, f"is required with {v.label(given)}: give both the certificate and its key, or neither")
+    rate = data.get("rate_limit")
+    if rate is not None:
+        text = v.text("rate_limit", rate)
+        match = _RATE.fullmatch(text)
+        if not match:
+            raise v.error("rate_limit", rate, "must be requests per second or minute per client, like 20r/s or 600r/m")
+        edge["rate_limit"] = text
+        # Default burst: about one second of traffic, so a client's short spike is not refused.
+        per_second = int(match.group(1)) if match.group(2) == "s" else -(-int(match.group(1)) // 60)
+        edge["rate_limit_burst"] = per_second
+    if data.get("rate_limit_burst") is not None:
+        if rate is None:
+            raise v.error("rate_limit_burst", data["rate_limit_burst"], f"needs {v.label('rate_limit')}")
+        edge["rate_limit_burst"] = v.integer("rate_limit_burst", data["rate_limit_burst"], low=0, high=100000)
+    return edge
+
+
+def _check_edge(v: "_Validator", d: Deployment) -> None:
+    """The edge only protects what cannot be reached around it."""
+    features = [k for k in ("api_key_file", "tls_certificate", "rate_limit") if getattr(d, k) is not None]
+    if not features:
+        return
+    if len(d.models) == 1 and d.models[0].instances == 1 and not d.upstream_hosts:
+        # Same rule as vfgen.plan: one instance serves the user port itself, without nginx.
+        raise v.error(features[0], getattr(d, features[0]),
+                      "needs the nginx dispatcher, but a single instance serves the port itself; use 2 or more instances")
+    if not d.upstream_hosts and not _is_loopback(d.host):
+        raise v.error(
+            "host", d.host,
+            f"backends on a non-loopback address could be reached around nginx, bypassing {', '.join(v.label(f) for f in features)}; "
+            "keep them on 127.0.0.1 (or use upstream_hosts with a firewall, see docs/security.md)",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def read_api_keys(d: Deployment) -> tuple[str, ...]:
+    """The keys of `d.api_key_file`, validated. Errors name the file and line, never the key."""
+    assert d.api_key_file is not None
+    v = _Validator(d.source)
+    path = d.api_key_file
+
+    def bad(reason: str) -> ConfigError:
+        return v.error("api_key_file", path, reason)
+
+    limit = 1024 * 1024
+    try:
+        # O_NOFOLLOW: a symlink planted in the key file's place is refused, not followed.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise bad(f"cannot read: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise bad("is not a regular file")
+        if info.st_mode & 0o007:
+            raise bad(f"is accessible to every user (mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it")
+        chunks = []
+        while sum(map(len, chunks)) <= limit and (chunk := os.read(fd, 65536)):
+            chunks.append(chunk)
+    except OSError as exc:
+        raise bad(f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise bad("is larger than 1 MiB")
+    keys: dict[str, int] = {}
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        line = raw.strip(b" \t\r")
+        if not line or line.startswith(b"#"):
+            continue
+        try:
+            key = line.decode("ascii")
+        except UnicodeDecodeError:
+            raise bad(f"line {number}: a key must be printable ASCII") from None
+        if not _API_KEY.fullmatch(key):
+            raise bad(f"line {number}: a key must be printable ASCII without spaces, quotes, backslashes or '$'")
+        if not API_KEY_MIN_LENGTH <= len(key) <= API_KEY_MAX_LENGTH:
+            raise bad(f"line {number}: a key must be {API_KEY_MIN_LENGTH} to {API_KEY_MAX_LENGTH} characters long (it has {len(key)})")
+        if key in keys:
+            raise bad(f"line {number}: same key as line {keys[key]}")
+        keys[key] = number
+    if not keys:
+        raise bad("contains no keys (one per line; lines starting with # are comments)")
+    return tuple(keys)
 
 
 # --- file schema -----------------------------------------------------------------
@@ -191,6 +317,7 @@ _GLOBAL_KEYS = {
     "name", "models", "listen", "port", "port_start", "host", "upstream_hosts", "backend", "user",
     "vllm_bin", "vfgen_bin", "memory_budget", "min_memory_share", "max_body_size", "max_queue",
     "timeouts", "lock_dir", "log_dir", "default_model", "gpu_memory",
+    "nginx_dir", "api_key_file", "tls_certificate", "tls_certificate_key", "rate_limit", "rate_limit_burst",
 }
 _TIMEOUT_KEYS = {"start", "shutdown", "read", "connect", "fail"}
 _MODEL_KEYS = {
@@ -258,6 +385,11 @@ def _parse_model(v: "_Validator", raw: Any, index: int) -> ModelSpec:
     )
 
 
+def _printable(text: str) -> str:
+    """`text` for a field label: quoted and escaped when it holds control characters."""
+    return repr(text) if _CONTROL.search(text) or _SURROGATE.search(text) else text
+
+
 def _derive_key(source: str) -> str:
     base = source.rstrip("/").rsplit("/", 1)[-1].lower()
     slug = re.sub(r"[^a-z0-9]+", "-", base).strip("-")
@@ -318,7 +450,7 @@ class _Validator:
         for k, val in raw.items():
             key = str(k).replace("-", "_")
             if key not in allowed:
-                raise self.error(f"{prefix}{k}", val, f"unknown key (known: {', '.join(sorted(allowed))})")
+                raise self.error(f"{prefix}{_printable(str(k))}", val, f"unknown key (known: {', '.join(sorted(allowed))})")
             out[key] = val
         return out
 
@@ -328,6 +460,8 @@ class _Validator:
         text = str(value)
         if _CONTROL.search(text):
             raise self.error(name, value, "contains a control character (newline, tab, NUL ...)")
+        if _SURROGATE.search(text):
+            raise self.error(name, value, "is not valid Unicode text (lone surrogate)")
         return text
 
     def integer(self, name: str, value: Any, low: int, high: int) -> int:
@@ -379,6 +513,9 @@ class _Validator:
 
     def address(self, name: str, value: Any) -> str:
         text = self.text(name, value).strip("[]")
+        if "%" in text:
+            # Python accepts any text as an IPv6 zone ("fe80::1%eth0"); nginx accepts none.
+            raise self.error(name, value, "IPv6 zone indexes (%...) are not supported")
         try:
             return str(ipaddress.ip_address(text))
         except ValueError:
@@ -390,7 +527,7 @@ class _Validator:
     def executable(self, name: str, value: Any) -> str:
         text = self.text(name, value)
         if not _EXECUTABLE.fullmatch(text):
-            raise self.error(name, value, "must be a command name or path of letters, digits and ._/+- (no spaces)")
+            raise self.error(name, value, "must be a command name or path of letters, digits and ._/+- (no spaces, not starting with + or -)")
         return text
 
     def safe_path(self, name: str, value: Any) -> str:
@@ -468,7 +605,7 @@ class _Validator:
     def env_pair(self, name: str, key: Any, value: Any) -> tuple[str, str]:
         key = str(key)
         if not _ENV_KEY.fullmatch(key):
-            raise self.error(f"{name}.{key}", value, "environment variable names are letters, digits and '_', not starting with a digit")
+            raise self.error(name, key, "environment variable names are letters, digits and '_', not starting with a digit")
         if key in RESERVED_ENV:
             raise self.error(f"{name}.{key}", value, f"is set by vfgen from {RESERVED_ENV[key]}")
         if isinstance(value, bool):

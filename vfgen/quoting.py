@@ -53,9 +53,46 @@ def pcre_literal(value: str) -> str:
     return "".join(c if c.isalnum() or c == "_" or ord(c) > 127 else "\\" + c for c in value)
 
 
+def json_string_pcre(value: str) -> str:
+    """PCRE matching the usual JSON spellings of `value`: raw UTF-8, \\uXXXX (either hex case), \\/.
+
+    Python's json.dumps escapes every non-ASCII character and PHP escapes '/',
+    so a served name must match in each spelling a client library may send.
+    """
+    def hex_class(unit: str) -> str:
+        return "".join(f"[{d.lower()}{d.upper()}]" if d.isalpha() else d for d in unit)
+
+    out = []
+    for char in value:
+        if ord(char) > 127:
+            data = char.encode("utf-16-be")  # surrogate pairs above U+FFFF
+            escaped = "".join("\\\\u" + hex_class(data[i:i + 2].hex()) for i in range(0, len(data), 2))
+            out.append(f"(?:{char}|{escaped})")
+        elif char == "/":
+            out.append("(?:/|\\\\/)")
+        else:
+            out.append(pcre_literal(char))
+    return "".join(out)
+
+
 def nginx_json(value: object) -> str:
-    """A JSON document as a double-quoted nginx string (ASCII-only, so bytes are predictable)."""
-    return nginx_str(json.dumps(value, ensure_ascii=True, separators=(",", ":"), sort_keys=False))
+    """A JSON document as a double-quoted nginx string (ASCII-only, so bytes are predictable).
+
+    '$' can only occur inside JSON strings, where `\\u0024` means the same to
+    every JSON reader and nginx sees no variable.
+    """
+    text = json.dumps(value, ensure_ascii=True, separators=(",", ":"), sort_keys=False)
+    return nginx_str(text.replace("$", "\\u0024"))
+
+
+def nginx_api_key_entry(key: str) -> str:
+    """A map entry matching `Authorization: Bearer <key>` exactly.
+
+    A regex, because plain map keys compare case-insensitively (seen with
+    nginx 1.22), which would make `ABC...` and `abc...` the same key. The
+    scheme is case-insensitive, as RFC 9110 says; the key is not.
+    """
+    return nginx_regex("~^(?i:Bearer) " + pcre_literal(key) + "$") + " 1;"
 
 
 # --- systemd -----------------------------------------------------------------
@@ -109,6 +146,11 @@ def supervisor_word(value: object) -> str:
             out.append(char)
         else:
             out.append("\\" + char)
+    # configparser strip()s every value, and str.strip() takes Unicode spaces
+    # too (NEL, NBSP ...): a word ending in one would lose it and leave a
+    # dangling backslash. An empty '' after it keeps the line's end intact.
+    if text[-1].isspace():
+        out.append("''")
     return "".join(out)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import jinja2
 
 from vfgen import __version__, quoting
+from vfgen.config import Deployment, read_api_keys
 from vfgen.plan import Instance, Plan
 from vfgen.errors import RenderError
 
@@ -36,6 +37,11 @@ class Artefact:
     @property
     def name(self) -> str:
         return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def secret(self) -> bool:
+        """Readable by its owner only (API keys): never printed unless asked for by name."""
+        return not self.mode & 0o077
 
 
 def templates_dir() -> Path:
@@ -86,12 +92,19 @@ def _template_line(name: str) -> str:
     return line
 
 
-def render_all(plan: Plan) -> list[Artefact]:
-    """Every artefact of the plan, for both process backends, in a stable order."""
+def render_all(plan: Plan, dispatcher: bool = True) -> list[Artefact]:
+    """Every artefact of the plan, for both process backends, in a stable order.
+
+    dispatcher=False leaves nginx out, so a GPU host rendering its backends
+    needs neither nginx's settings nor the API key file, which lives on the
+    load balancer.
+    """
     d = plan.deployment
     out: list[Artefact] = []
-    if plan.dispatcher:
-        out.append(Artefact("nginx", f"etc/nginx/conf.d/{d.name}.conf", render_nginx(plan)))
+    if plan.dispatcher and dispatcher:
+        out.append(Artefact("nginx", nginx_conf_path(d).lstrip("/"), render_nginx(plan)))
+        if d.api_key_file:
+            out.append(Artefact("nginx", api_keys_path(d).lstrip("/"), render_api_keys(d), mode=0o600))
     for inst in plan.instances:
         out.append(Artefact("systemd", f"etc/systemd/system/{inst.unit}", render_unit(plan, inst)))
     out.append(Artefact("systemd", f"etc/systemd/system/{plan.target}", render_template("systemd/deployment.target.j2", d=d, plan=plan)))
@@ -101,6 +114,25 @@ def render_all(plan: Plan) -> list[Artefact]:
 
 
 # --- nginx -----------------------------------------------------------------------
+
+
+def nginx_conf_path(d: Deployment) -> str:
+    return f"{d.nginx_dir.rstrip('/')}/conf.d/{d.name}.conf"
+
+
+def api_keys_path(d: Deployment) -> str:
+    """Absolute path of the keys map on the dispatcher host (the conf includes it by this path)."""
+    return f"{d.nginx_dir.rstrip('/')}/vfgen/{d.name}-api-keys.map"
+
+
+def render_api_keys(d: Deployment) -> str:
+    """The keys map: mode 0600, included by the world-readable conf, which never holds a key."""
+    lines = [
+        f"# Rendered by vfgen {__version__} from the API key file of deployment {d.name}; mode 0600, root only.",
+        "# Included by the `map $http_authorization` block of the dispatcher conf.",
+    ]
+    lines += [quoting.nginx_api_key_entry(key) for key in read_api_keys(d)]
+    return "\n".join(lines) + "\n"
 
 
 def _error(code: int, kind: str, message: str, param: str | None = None) -> str:
@@ -117,7 +149,7 @@ def render_nginx(plan: Plan) -> str:
     for pool in plan.pools:
         first = pool.affinity_upstream or pool.upstream
         for served in pool.served_names:
-            routes.append((f"~^[A-Z]+:1:{quoting.pcre_literal(served)}$", first))
+            routes.append((f"~^[A-Z]+:1:{quoting.json_string_pcre(served)}$", first))
             if served == d.default_model:
                 default_route = first
     routes.append(("~^[A-Z]+:1:$", default_route or route_missing))
@@ -132,6 +164,8 @@ def render_nginx(plan: Plan) -> str:
         "unhealthy": quoting.nginx_json({"status": "unhealthy", "detail": "no backend answers /health"}),
         "timeout": _error(504, "GatewayTimeoutError", "The backend did not answer in time."),
         "e405": _error(405, "MethodNotAllowedError", "Method not allowed."),
+        "unauthorized": _error(401, "AuthenticationError", "Missing or invalid API key. Send it as the header `Authorization: Bearer <key>`."),
+        "rate_limited": _error(429, "RateLimitError", "Too many requests from this client. Retry later."),
     }
     plain_errors = [
         (400, _error(400, "BadRequestError", "Malformed request.")),
@@ -179,6 +213,7 @@ def render_nginx(plan: Plan) -> str:
         plain_errors=plain_errors,
         models_json=models_json,
         shape_maps=shape_maps,
+        api_keys_map=api_keys_path(d) if d.api_key_file else None,
     )
 
 

@@ -102,7 +102,7 @@ SYSTEMD_SCENARIOS = [n for n in sorted(SCENARIOS) if "supervisord" not in n]
 @pytest.mark.parametrize("name", SYSTEMD_SCENARIOS)
 def test_systemd_analyze_verify_is_clean(name: str, tmp_path: Path) -> None:
     analyze = require_tool("systemd-analyze", "systemd")
-    tree = render_tree(scenario_args(name), tmp_path / "root")
+    tree = render_tree(with_options(scenario_args(name), "--backend", "systemd"), tmp_path / "root")
     unit_dir = tree / "etc/systemd/system"
     units = sorted(p.name for p in unit_dir.iterdir())
     assert any(u.endswith(".target") for u in units) and any(u.endswith(".service") for u in units)
