@@ -532,9 +532,10 @@ class _Validator:
 
     def safe_path(self, name: str, value: Any) -> str:
         text = self.text(name, value)
-        if not _SAFE_PATH.fullmatch(text) or "/../" in text + "/":
-            raise self.error(name, value, "must be an absolute path of letters, digits and ._/+-")
-        return text.rstrip("/") or "/"
+        if not _SAFE_PATH.fullmatch(text) or any(part in ("", ".", "..") for part in text.split("/")[1:]) and text != "/":
+            raise self.error(name, value, "must be an absolute path of letters, digits and ._/+-, "
+                                          "normalised (no '//', '.', '..' or trailing '/')")
+        return text
 
     def nginx_size(self, name: str, value: Any) -> str:
         text = self.text(name, value)

@@ -133,6 +133,11 @@ def _check_rootfs(rootfs: Path) -> None:
 # ---------------------------------------------------------------- binds
 
 
+# The repo again, outside /tmp: units run with PrivateTmp=yes, which hides a
+# checkout under /tmp (CI may clone there). Services get PYTHONPATH pointing here.
+REPO_FOR_SERVICES = Path("/srv/vfgen-src")
+
+
 def python_env_binds(repo: Path = REPO_ROOT) -> list[Path]:
     """Host paths to bind read-only so this Python environment and the repo work inside.
 
@@ -144,6 +149,11 @@ def python_env_binds(repo: Path = REPO_ROOT) -> list[Path]:
     candidates: list[Path] = [Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parents[1], repo]
     candidates += [Path(entry) for entry in sys.path if entry]
     return _minimal_cover(path for path in candidates if path.is_dir())
+
+
+def service_binds(repo: Path = REPO_ROOT) -> list:
+    """python_env_binds() plus the repo at REPO_FOR_SERVICES, for tests that run vfgen in units."""
+    return [*python_env_binds(repo), (repo, REPO_FOR_SERVICES)]
 
 
 def _minimal_cover(paths: Iterable[Path]) -> list[Path]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.harness.nspawn import Container, python_env_binds
+from tests.harness.nspawn import REPO_FOR_SERVICES, Container, python_env_binds
 from tests.harness.tools import missing
 
 T = TypeVar("T")
@@ -69,7 +69,9 @@ class Spec:
     extra_env: tuple[str, ...] = ()
 
     def render_args(self) -> list[str]:
-        env = [f"VFGEN_FAKE_STARTUP_DELAY={self.startup_delay:g}", f"VFGEN_FAKE_EVENT_LOG={EVENT_LOG}"]
+        # PYTHONPATH: the units' PrivateTmp hides an editable checkout under /tmp (see nspawn.REPO_FOR_SERVICES).
+        env = [f"VFGEN_FAKE_STARTUP_DELAY={self.startup_delay:g}", f"VFGEN_FAKE_EVENT_LOG={EVENT_LOG}",
+               f"PYTHONPATH={REPO_FOR_SERVICES}"]
         if self.latency:
             env.append(f"VFGEN_FAKE_LATENCY={self.latency:g}")
         env += list(self.extra_env)

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.harness.nspawn import Container, booted_container, ensure_rootfs, python_env_binds
+from tests.harness.nspawn import Container, booted_container, ensure_rootfs, python_env_binds, service_binds
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -30,7 +30,7 @@ def container(rootfs: Path, request: pytest.FixtureRequest) -> Iterator[Containe
 
     When the test fails, the container's journal is printed before teardown.
     """
-    with booted_container(binds=python_env_binds(), rootfs=rootfs) as booted:
+    with booted_container(binds=service_binds(), rootfs=rootfs) as booted:
         yield booted
         report = getattr(request.node, "vfgen_report_call", None)
         if report is not None and report.failed:

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.nspawn import booted_container, python_env_binds
+from tests.harness.nspawn import booted_container, python_env_binds, service_binds
 from tests.harness.systemd_deploy import (
     FAKE_GPU_DEVICES,
     DeploymentError,
@@ -60,7 +60,7 @@ def _diagnostics_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _deployment(rootfs: Path, spec: Spec) -> Iterator[SystemdDeployment]:
-    with booted_container(binds=python_env_binds(), rootfs=rootfs) as container:
+    with booted_container(binds=service_binds(), rootfs=rootfs) as container:
         deployment = SystemdDeployment(container, spec)
         _live.append(deployment)
         try:
