@@ -1,0 +1,355 @@
+"""Turn the benchmark's results into the targets verdict, markdown tables and matplotlib plots."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+PATH_NAMES = {
+    "direct": "direct to the backends",
+    "vfgen": "vfgen nginx (least_conn + caps + overflow)",
+    "round-robin": "nginx round robin",
+    "vllm-factory": "vllm-factory 0.2.1 Dispatcher",
+    "vfgen-affinity": "vfgen nginx + --enable-request-affinity",
+}
+COLORS = {"direct": "#7f7f7f", "vfgen": "#2ca02c", "round-robin": "#1f77b4", "vllm-factory": "#d62728",
+          "vfgen-affinity": "#98df8a"}
+OUTSIDE_LOAD_WARNING = 0.25  # cores used by other tenants during a measurement
+BEGIN, END = "<!-- bench:results:begin -->", "<!-- bench:results:end -->"
+
+
+# --- machine ---------------------------------------------------------------------------------
+
+
+def machine_info(nginx_bin: str, wrk_bin: str) -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return "?"
+        return ((result.stdout or result.stderr).strip().splitlines() or ["?"])[0]
+
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    mem_kb = int(re.search(r"^MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text(), re.M).group(1))
+    os_release = Path("/etc/os-release").read_text() if Path("/etc/os-release").exists() else ""
+    pretty = re.search(r'^PRETTY_NAME="?([^"\n]+)', os_release, re.M)
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "cpus": str(os.cpu_count()),
+        "cpu_model": model.group(1).strip() if model else platform.processor() or "?",
+        "memory": f"{mem_kb / 1024 / 1024:.1f} GiB",
+        "kernel": platform.release(),
+        "os": pretty.group(1) if pretty else platform.platform(),
+        "nginx": first_line([nginx_bin, "-v"]).replace("nginx version: ", ""),
+        "wrk": first_line([wrk_bin, "--version"]).split(" Copyright")[0],
+        "python": sys.version.split()[0],
+        "vllm-factory": version("vllm-factory"),
+        "aiohttp": version("aiohttp"),
+        "loadavg_at_start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+    }
+
+
+# --- targets ---------------------------------------------------------------------------------
+
+
+def _paired(numerator: dict, denominator: dict, key=lambda run: run["rps"]) -> tuple[float, float, float]:
+    """Median, min and max over rounds of numerator/denominator, each ratio taken within one round."""
+    ratios = [key(a) / key(b) for a, b in zip(numerator["runs"], denominator["runs"]) if key(b)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def targets(results: dict) -> list[dict]:
+    """Each target as a ratio taken in this run. Throughput ratios pair the runs of one round."""
+    fast = results["fast"]["saturated"]
+    vs_factory = _paired(fast["vfgen"], fast["vllm-factory"])
+    vs_direct = _paired(fast["vfgen"], fast["direct"])
+    rows = [
+        {"target": "Throughput on fast backends >= 5x vllm-factory's", "value": vs_factory[0], "fmt": "{:.1f}x",
+         "detail": f"per round {vs_factory[1]:.1f}–{vs_factory[2]:.1f}x; medians {fast['vfgen']['rps']:,.0f} "
+                   f"vs {fast['vllm-factory']['rps']:,.0f} req/s",
+         "ok": lambda v: v >= 5.0},
+        {"target": "Throughput on fast backends >= 50% of direct-to-backend", "value": vs_direct[0], "fmt": "{:.0%}",
+         "detail": f"per round {vs_direct[1]:.0%}–{vs_direct[2]:.0%}; medians {fast['vfgen']['rps']:,.0f} "
+                   f"vs {fast['direct']['rps']:,.0f} req/s",
+         "ok": lambda v: v >= 0.5},
+    ]
+    overload = results["scheduling"].get("2")
+    if overload:
+        vs_rr = _paired(overload["vfgen"], overload["round-robin"], key=lambda run: run["latency_ms"]["99.0"])
+        rows.append({"target": "p99 at 2x capacity no worse than round robin", "value": vs_rr[0], "fmt": "{:.2f}x",
+                     "detail": f"per round {vs_rr[1]:.2f}–{vs_rr[2]:.2f}x; medians {overload['vfgen']['p99_ms']:.0f} "
+                               f"vs {overload['round-robin']['p99_ms']:.0f} ms",
+                     "ok": lambda v: v <= 1.0})
+    failed = results["failure"]["vfgen"]["failed"]
+    rows.append({"target": "0 failed requests when one backend dies", "value": failed, "fmt": "{:d}",
+                 "detail": f"of {results['failure']['vfgen']['requests']:,} requests", "ok": lambda v: v == 0})
+    for row in rows:
+        row["pass"] = bool(row.pop("ok")(row["value"]))
+        row["measured"] = row.pop("fmt").format(row["value"])
+    return rows
+
+
+# --- markdown --------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def _plus(value: float) -> str:
+    return ("+" if value >= 0 else "") + _ms(value) if abs(value) >= 0.005 else "0.00"
+
+
+def markdown(results: dict, command: str, plots: list[str]) -> str:
+    machine = results["machine"]
+    settings = results["settings"]
+    out = [f"Command: `{command}` (total {results['elapsed_s']:.0f} s).", ""]
+    out.append(_table(["machine", ""], [
+        ["CPUs (nproc)", machine["cpus"]], ["CPU model", machine["cpu_model"]], ["memory", machine["memory"]],
+        ["OS / kernel", f"{machine['os']} / {machine['kernel']}"], ["nginx", machine["nginx"]],
+        ["Python", machine["python"]], ["wrk", machine["wrk"]],
+        ["vllm-factory / aiohttp", f"{machine['vllm-factory']} / {machine['aiohttp']}"],
+        ["load average at start", machine["loadavg_at_start"]],
+        ["outside load seen (max, cores)", f"{results['outside_cores_max']:.2f}"],
+    ]))
+
+    out += ["", "### Targets", ""]
+    out.append(_table(["target", "measured", "", "result"], [
+        [t["target"], t["measured"], t["detail"], "PASS" if t["pass"] else "**FAIL**"] for t in results["targets"]]))
+
+    fast = results["fast"]
+    direct = fast["saturated"]["direct"]
+    light_direct = fast["light"]["direct"]
+    out += ["", "### 1. Dispatch overhead, fast static backends",
+            "", f"{settings['fast_connections']} connections, {results['threads']} wrk threads, "
+            f"{settings['duration']} s per run, median of {settings['rounds_fast']} interleaved round(s) "
+            f"(1 conn: one {settings['single_duration']} s run per path). "
+            "\"1 conn\": one request at a time, so the latency is the path's own cost without queueing.", ""]
+    rows = []
+    for path, s in fast["saturated"].items():
+        light = fast["light"][path]
+        rows.append([
+            PATH_NAMES[path], f"{s['rps']:,.0f} ({s['rps_min']:,.0f}–{s['rps_max']:,.0f})",
+            f"{s['rps'] / direct['rps']:.0%}", _ms(s["p50_ms"]), _ms(s["p99_ms"]),
+            _ms(light["p50_ms"]), _ms(light["p99_ms"]),
+            _plus(light["p50_ms"] - light_direct["p50_ms"]), _plus(light["p99_ms"] - light_direct["p99_ms"]),
+            f"{s['cpu']['client_us_per_req']:.0f} / {s['cpu']['backends_us_per_req']:.0f} / "
+            + (f"{s['cpu']['dispatcher_us_per_req']:.0f}" if path != "direct" else "–"), str(s["failed"]),
+        ])
+    out.append(_table(["path", "req/s (min–max)", "vs direct", "p50 ms", "p99 ms", "1 conn p50 ms",
+                       "1 conn p99 ms", "added p50", "added p99", "CPU µs/req: client / backends / dispatcher",
+                       "failed"], rows))
+
+    real = results["realistic_overhead"]
+    out += ["", "### 1b. Dispatch overhead, stand-in vLLM backends",
+            "", f"{results['capacity']} connections = capacity (4 backends × max-num-seqs "
+            f"{results['realistic']['cap']}), service time 20–50 ms, short requests only, median of "
+            f"{settings['rounds']} interleaved round(s) of {settings['duration']} s.", ""]
+    rows = []
+    for path, s in real.items():
+        rows.append([PATH_NAMES[path], f"{s['rps']:,.0f}", f"{s['rps'] / real['direct']['rps']:.0%}",
+                     _ms(s["p50_ms"]), _ms(s["p99_ms"]), _plus(s["p50_ms"] - real["direct"]["p50_ms"]),
+                     _plus(s["p99_ms"] - real["direct"]["p99_ms"]),
+                     f"{s['cpu']['dispatcher_us_per_req']:.0f}" if path != "direct" else "–", str(s["failed"])])
+    out.append(_table(["path", "req/s", "vs direct", "p50 ms", "p99 ms", "added p50", "added p99",
+                       "dispatcher CPU µs/req", "failed"], rows))
+
+    out += ["", "### 2. Scheduling: short and long requests at 1×, 2×, 4× capacity", "",
+            f"{results['long_fraction']:.0%} long requests (streamed, ~200–230 ms), the rest short (20–50 ms); "
+            f"capacity = {results['capacity']} requests in flight; wrk keeps factor × capacity connections busy; "
+            f"median of {settings['rounds']} interleaved round(s) of {settings['duration']} s.", ""]
+    rows = []
+    for factor, per in results["scheduling"].items():
+        for name, s in per.items():
+            rows.append([f"{factor}×", PATH_NAMES[name], f"{s['rps']:,.0f}", _ms(s["p50_ms"]), _ms(s["p90_ms"]),
+                         _ms(s["p99_ms"]), str(s["failed"])])
+    out.append(_table(["load", "dispatcher", "req/s", "p50 ms", "p90 ms", "p99 ms", "failed"], rows))
+
+    out += ["", "### 3. Affinity", "", "GLiNER-style `/pooling` bodies: 16 label sets (shapes), random text, "
+            f"{results['capacity'] // 2} connections (half capacity). Hit rate: share of each shape's requests "
+            "that reached that shape's most frequent backend (25% is what chance gives with 4 backends).", ""]
+    rows = []
+    for name, s in results["affinity"].items():
+        rows.append([PATH_NAMES[name], f"{s['hit_rate']:.1%}", " / ".join(map(str, s["shapes_per_backend"])),
+                     " / ".join(map(str, s["requests_per_backend"])), f"{s['load_max_over_mean']:.2f}",
+                     _ms(s["p50_ms"]), _ms(s["p99_ms"]), str(s["failed"])])
+    out.append(_table(["dispatcher", "hit rate", "shapes per backend", "requests per backend",
+                       "busiest / mean", "p50 ms", "p99 ms", "failed"], rows))
+
+    out += ["", "### 4. Failure: one backend killed mid-run", "",
+            f"Short requests at capacity ({results['capacity']} connections) for {settings['kill_duration']} s; "
+            "SIGKILL to one of the 4 stand-ins halfway through. Failed = non-2xx answers plus socket errors.", ""]
+    rows = []
+    for name, s in results["failure"].items():
+        errors = ", ".join(f"{k} {v}" for k, v in s["errors"].items() if v) or "none"
+        rows.append([PATH_NAMES[name], f"{s['requests']:,}", str(s["failed"]),
+                     f"{s['failed'] / max(1, s['requests']):.1%}", errors, f"{s['killed_at_s']:.1f} s"])
+    out.append(_table(["dispatcher", "requests", "failed", "failed %", "errors (wrk)", "killed at"], rows))
+
+    if plots:
+        out += ["", "### Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+def console_table(results: dict) -> str:
+    """What the terminal shows at the end: the targets and the headline numbers."""
+    lines = ["", "vfgen dispatcher benchmark — results", "=" * 38]
+    fast = results["fast"]["saturated"]
+    lines.append("fast static backends (req/s, median):")
+    for path, s in fast.items():
+        lines.append(f"  {path:<14} {s['rps']:>10,.0f} req/s   {s['rps'] / fast['direct']['rps']:>5.0%} of direct   "
+                     f"1-conn p50 {results['fast']['light'][path]['p50_ms']:.3f} ms")
+    lines.append("stand-in vLLM backends at capacity:")
+    for path, s in results["realistic_overhead"].items():
+        lines.append(f"  {path:<14} {s['rps']:>10,.0f} req/s   p50 {s['p50_ms']:.1f} ms   p99 {s['p99_ms']:.1f} ms")
+    for factor, per in results["scheduling"].items():
+        lines.append(f"scheduling at {factor}x capacity:")
+        for name, s in per.items():
+            lines.append(f"  {name:<14} p50 {s['p50_ms']:7.1f} ms   p99 {s['p99_ms']:7.1f} ms   failed {s['failed']}")
+    lines.append("affinity (hit rate, shapes per backend):")
+    for name, s in results["affinity"].items():
+        lines.append(f"  {name:<14} {s['hit_rate']:6.1%}   {s['shapes_per_backend']}")
+    lines.append("one backend killed mid-run (failed / requests):")
+    for name, s in results["failure"].items():
+        lines.append(f"  {name:<14} {s['failed']:>6} / {s['requests']:,}")
+    if results["outside_cores_max"] > OUTSIDE_LOAD_WARNING:
+        lines += ["", f"WARNING: other processes used up to {results['outside_cores_max']:.2f} of the "
+                      f"{os.cpu_count()} cores during a measurement; throughput numbers are depressed and noisy."]
+    lines.append("")
+    width = max(len(t["target"]) for t in results["targets"])
+    lines.append("targets:")
+    for t in results["targets"]:
+        verdict = "PASS" if t["pass"] else "FAIL"
+        lines.append(f"  {verdict}  {t['target']:<{width}}  {t['measured']:>7}  ({t['detail']})")
+    return "\n".join(lines)
+
+
+def update_docs(doc: Path, block: str) -> None:
+    """Replace the generated block of docs/benchmarks.md, keeping the hand-written text around it."""
+    text = doc.read_text()
+    if BEGIN not in text or END not in text:
+        raise RuntimeError(f"{doc} has no {BEGIN} ... {END} block to replace")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    doc.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def plots(results: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+
+    def save(fig, name: str) -> None:
+        path = out_dir / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+
+    # Throughput and per-request cost.
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for ax, (title, data) in zip(axes[:2], [("fast static backends", results["fast"]["saturated"]),
+                                            ("stand-in vLLM backends, at capacity", results["realistic_overhead"])]):
+        names = list(data)
+        values = [data[n]["rps"] for n in names]
+        errors = [[max(0.0, data[n]["rps"] - data[n]["rps_min"]) for n in names],
+                  [max(0.0, data[n]["rps_max"] - data[n]["rps"]) for n in names]]
+        ax.bar(names, values, yerr=errors, capsize=4, color=[COLORS[n] for n in names])
+        for i, v in enumerate(values):
+            ax.text(i + 0.05, v, f" {v:,.0f}", ha="left", va="bottom", fontsize=8)
+        ax.set_title(f"req/s, {title}", fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+    cpu = results["fast"]["saturated"]
+    names = [n for n in cpu if n != "direct"]
+    values = [cpu[n]["cpu"]["dispatcher_us_per_req"] for n in names]
+    axes[2].bar(names, values, color=[COLORS[n] for n in names])
+    for i, v in enumerate(values):
+        axes[2].text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    axes[2].set_title("dispatcher CPU µs per request (fast backends)", fontsize=10)
+    axes[2].tick_params(axis="x", labelsize=8)
+    save(fig, "bench-throughput.png")
+
+    # Latency the path adds, one request at a time.
+    light = results["fast"]["light"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(light)
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [light[n]["p50_ms"] for n in names], 0.4, label="p50",
+           color=[COLORS[n] for n in names])
+    ax.bar([x + 0.2 for x in xs], [light[n]["p99_ms"] for n in names], 0.4, label="p99",
+           color=[COLORS[n] for n in names], alpha=0.5, hatch="//")
+    ax.set_xticks(list(xs), names, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (log)")
+    ax.set_title("latency, one request at a time (fast backends): p50 solid, p99 hatched", fontsize=10)
+    save(fig, "bench-latency.png")
+
+    # Scheduling quality.
+    sched = results["scheduling"]
+    factors = sorted(sched, key=int)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in [(axes[0], "p50_ms", "p50"), (axes[1], "p99_ms", "p99")]:
+        for name in sched[factors[0]]:
+            ax.plot([int(f) for f in factors], [sched[f][name][key] for f in factors], marker="o",
+                    color=COLORS[name], label=name)
+        ax.set_xticks([int(f) for f in factors], [f"{f}×" for f in factors])
+        ax.set_xlabel("load (× capacity)")
+        ax.set_ylabel("ms")
+        ax.set_title(f"{label} latency, 80% short / 20% long requests", fontsize=10)
+        ax.legend(fontsize=8)
+    save(fig, "bench-scheduling.png")
+
+    # Affinity and failure.
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    aff = results["affinity"]
+    names = list(aff)
+    axes[0].bar(names, [aff[n]["hit_rate"] * 100 for n in names], color=[COLORS[n] for n in names])
+    axes[0].axhline(25, color="black", linestyle=":", linewidth=1)
+    axes[0].set_ylim(0, 105)
+    axes[0].set_title("affinity hit rate % (dotted: chance, 25%)", fontsize=10)
+    axes[0].tick_params(axis="x", labelsize=8)
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        per = aff[name]["requests_per_backend"]
+        total = sum(per) or 1
+        axes[1].bar([b + i * width for b in range(len(per))], [100 * v / total for v in per], width,
+                    color=COLORS[name], label=name)
+    axes[1].set_xticks([b + 0.4 - width / 2 for b in range(len(per))], [f"backend {b}" for b in range(len(per))])
+    axes[1].set_title("share of requests per backend %", fontsize=10)
+    axes[1].legend(fontsize=7)
+    fail = results["failure"]
+    names = list(fail)
+    values = [fail[n]["failed"] for n in names]
+    axes[2].bar(names, values, color=[COLORS[n] for n in names])
+    axes[2].set_yscale("symlog")
+    for i, v in enumerate(values):
+        axes[2].text(i, v, f"{v:,} / {fail[names[i]]['requests']:,}", ha="center", va="bottom", fontsize=8)
+    axes[2].set_title("failed requests, one backend killed mid-run", fontsize=10)
+    axes[2].tick_params(axis="x", labelsize=8)
+    save(fig, "bench-affinity-failure.png")
+    return made

@@ -1,0 +1,94 @@
+"""Promise: `python -m bench --quick` runs every measurement on every path and prints the verdict.
+
+A smoke run of a few seconds per part, not a timed test: it checks that each path
+moved requests (> 0 req/s), that nothing failed where nothing may fail, that the
+failure run really killed a backend, that affinity beats no affinity, and that
+the table, the JSON and the four plots were written. It never asserts speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness.tools import missing, require_tool
+
+pytestmark = pytest.mark.live
+
+REPO = Path(__file__).resolve().parents[2]
+PATHS = ["direct", "vfgen", "round-robin", "vllm-factory"]
+TIMEOUT_S = 300  # the quick run takes about 30 s
+PLOTS = ["bench-throughput.png", "bench-latency.png", "bench-scheduling.png", "bench-affinity-failure.png"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict, Path]:
+    require_tool("nginx", "nginx-light")
+    require_tool("wrk")
+    for module, package in (("forge", "vllm-factory==0.2.1 --no-deps"), ("aiohttp", "aiohttp"),
+                            ("matplotlib", "matplotlib")):
+        if importlib.util.find_spec(module) is None:
+            missing(f"Python package {package}", "scripts/install-bench.sh")
+    out = tmp_path_factory.mktemp("bench")
+    bench = subprocess.Popen([sys.executable, "-m", "bench", "--quick", "--out-dir", str(out)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = bench.communicate(timeout=TIMEOUT_S)
+    finally:
+        if bench.poll() is None:
+            # SIGTERM first: the bench then stops every process it started, by PID.
+            bench.terminate()
+            try:
+                bench.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                bench.kill()
+                bench.communicate()
+    assert bench.returncode == 0, f"exit {bench.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return stdout, json.loads((out / "results.json").read_text()), out
+
+
+def test_prints_the_table_and_a_verdict_per_target(quick_run):
+    stdout, results, _ = quick_run
+    assert "vfgen dispatcher benchmark" in stdout
+    verdicts = [line.split()[0] for line in stdout.split("targets:", 1)[1].splitlines() if line.strip()][:4]
+    assert len(results["targets"]) == 4 and all(v in ("PASS", "FAIL") for v in verdicts), stdout[-2000:]
+
+
+def test_every_path_moves_requests(quick_run):
+    _, results, _ = quick_run
+    for path in PATHS:
+        for part in (results["fast"]["saturated"], results["fast"]["light"], results["realistic_overhead"]):
+            assert part[path]["rps"] > 0 and part[path]["requests"] > 0, (path, part[path])
+            assert part[path]["failed"] == 0, (path, part[path])
+            assert 0 < part[path]["p50_ms"] <= part[path]["p99_ms"], (path, part[path])
+    for per in results["scheduling"].values():
+        for name, summary in per.items():
+            assert summary["rps"] > 0, (name, summary)
+        # Overflow goes to the backups and round robin has no caps: neither may drop a request.
+        assert per["vfgen"]["failed"] == 0 and per["round-robin"]["failed"] == 0, per
+
+
+def test_failure_run_kills_a_backend_and_vfgen_loses_nothing(quick_run):
+    _, results, _ = quick_run
+    for name, summary in results["failure"].items():
+        assert summary["killed_at_s"] is not None and summary["requests"] > 0, (name, summary)
+    assert results["failure"]["vfgen"]["failed"] == 0, results["failure"]["vfgen"]
+
+
+def test_affinity_keeps_shapes_together(quick_run):
+    _, results, _ = quick_run
+    affinity = results["affinity"]
+    assert affinity["vfgen-affinity"]["shapes"] == 16
+    assert affinity["vfgen-affinity"]["hit_rate"] > affinity["vfgen"]["hit_rate"], affinity
+
+
+def test_writes_markdown_json_and_plots(quick_run):
+    _, _, out = quick_run
+    assert "### Targets" in (out / "results.md").read_text()
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
