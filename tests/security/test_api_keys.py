@@ -138,7 +138,7 @@ def test_backends_only_renders_without_the_key_file(tmp_path: Path) -> None:
 
 def test_the_keys_map_path_follows_nginx_dir(tmp_path: Path) -> None:
     path = keys_file(tmp_path, GOOD + "\n")
-    d = config.parse_deployment({"api_key_file": str(path), "nginx_dir": "/usr/local/nginx/",
+    d = config.parse_deployment({"api_key_file": str(path), "nginx_dir": "/usr/local/nginx",
                                  "models": [{"model": "org/m", "instances": 2}]}, source="x.yaml")
     arts = {a.path: a for a in render_all(build_plan(d))}
     assert "usr/local/nginx/vfgen/vllm-api-keys.map" in arts and "usr/local/nginx/conf.d/vllm.conf" in arts
