@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bench.wrk import MODEL
+from tests.harness.deploy import console_script
 from tests.harness.procs import ProcessGroup, free_port, free_port_range, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,16 +62,6 @@ def http_post(url: str, timeout: float = 2.0) -> int:
         return exc.code
     except (OSError, urllib.error.URLError):
         return 0
-
-
-def console_script(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    if os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise RuntimeError(f"{name} is not installed; run `pip install -e .`")
-    return found
 
 
 @dataclass
