@@ -180,7 +180,10 @@ class LiveDeployment:
             f"error_log {self.root / 'nginx-error.log'} notice;\n"
             "events { worker_connections 4096; }\n"
             "http {\n"
-            f"    access_log {self.root / 'nginx-access.log'};\n"
+            # Which backends nginx tried for each request, in order: failover evidence.
+            "    log_format upstreams '$msec $status \"$request\" upstream=\"$upstream_addr\" "
+            "upstream_status=\"$upstream_status\"';\n"
+            f"    access_log {self.root / 'nginx-access.log'} upstreams;\n"
             + "".join(f"    {kind}_temp_path {temp / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
             + f"    include {self.nginx_conf_d};\n"
             "}\n"
@@ -210,6 +213,10 @@ class LiveDeployment:
             raise RuntimeError(f"nginx -t rejected the re-rendered config:\n{check.stderr}")
         assert self.nginx_proc is not None and self.nginx_proc.poll() is None, "nginx is not running"
         os.kill(self.nginx_proc.pid, signal.SIGHUP)
+
+    def nginx_access_log(self) -> str:
+        path = self.root / "nginx-access.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def nginx_error_log(self) -> str:
         path = self.root / "nginx-error.log"
