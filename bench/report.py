@@ -17,9 +17,10 @@ PATH_NAMES = {
     "round-robin": "nginx round robin",
     "vllm-factory": "vllm-factory 0.2.1 Dispatcher",
     "vfgen-affinity": "vfgen nginx + --enable-request-affinity",
+    "nginx-minimal": "reference: minimal nginx proxy_pass",
 }
 COLORS = {"direct": "#7f7f7f", "vfgen": "#2ca02c", "round-robin": "#1f77b4", "vllm-factory": "#d62728",
-          "vfgen-affinity": "#98df8a"}
+          "vfgen-affinity": "#98df8a", "nginx-minimal": "#bcbd22"}
 OUTSIDE_LOAD_WARNING = 0.25  # cores used by other tenants during a measurement
 BEGIN, END = "<!-- bench:results:begin -->", "<!-- bench:results:end -->"
 
@@ -119,6 +120,18 @@ def _plus(value: float) -> str:
     return ("+" if value >= 0 else "") + _ms(value) if abs(value) >= 0.005 else "0.00"
 
 
+def hop_reference(results: dict) -> str | None:
+    """The direct-throughput target seen against the bare nginx hop (paired per round)."""
+    fast = results["fast"]["saturated"]
+    if "nginx-minimal" not in fast:
+        return None
+    hop = _paired(fast["nginx-minimal"], fast["direct"])
+    vfgen = _paired(fast["vfgen"], fast["nginx-minimal"])
+    return (f"Reference for the direct-throughput target: a minimal nginx proxy_pass (upstream + keepalive, "
+            f"nothing else) kept {hop[0]:.0%} of direct (per round {hop[1]:.0%}–{hop[2]:.0%}); vfgen's "
+            f"dispatcher kept {vfgen[0]:.0%} of that minimal proxy (per round {vfgen[1]:.0%}–{vfgen[2]:.0%}).")
+
+
 def markdown(results: dict, command: str, plots: list[str]) -> str:
     machine = results["machine"]
     settings = results["settings"]
@@ -135,6 +148,9 @@ def markdown(results: dict, command: str, plots: list[str]) -> str:
     out += ["", "### Targets", ""]
     out.append(_table(["target", "measured", "", "result"], [
         [t["target"], t["measured"], t["detail"], "PASS" if t["pass"] else "**FAIL**"] for t in results["targets"]]))
+    reference = hop_reference(results)
+    if reference:
+        out += ["", reference]
 
     fast = results["fast"]
     direct = fast["saturated"]["direct"]
@@ -240,6 +256,9 @@ def console_table(results: dict) -> str:
     for t in results["targets"]:
         verdict = "PASS" if t["pass"] else "FAIL"
         lines.append(f"  {verdict}  {t['target']:<{width}}  {t['measured']:>7}  ({t['detail']})")
+    reference = hop_reference(results)
+    if reference:
+        lines.append(reference)
     return "\n".join(lines)
 
 

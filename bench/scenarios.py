@@ -169,6 +169,7 @@ def fast_overhead(bench: Bench, settings: Settings) -> dict:
         "vfgen": stack.nginx_dispatcher("fast-vfgen", backends),
         "round-robin": stack.nginx_dispatcher("fast-rr", backends, round_robin=True),
         "vllm-factory": stack.vllm_factory(backends),
+        "nginx-minimal": stack.minimal_nginx("fast-minimal", backends),
     }
     paths = ["direct", *dispatchers]
     try:

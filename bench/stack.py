@@ -11,6 +11,8 @@ Dispatchers, each on its own free port in front of the same backends:
 - "round-robin": vfgen's render with three edits (see `round_robin_variant`):
   plain nginx round robin with everything else identical.
 - "vllm-factory": vllm-factory 0.2.1's Dispatcher (bench/vllm_factory_runner.py).
+- "nginx-minimal" (fast static backends only): upstream + keepalive + proxy_pass,
+  nothing else; the floor any nginx hop costs.
 
 Every process is started in its own session through a ProcessGroup and stopped by PID.
 """
@@ -266,6 +268,24 @@ class Stack:
             rendered = round_robin_variant(rendered)
         conf_d = self.root / f"{name}.conf"
         conf_d.write_text(rendered)
+        procs = self._nginx(name, "auto", f"    include {conf_d};\n")
+        dispatcher = Dispatcher(name, port, procs, conf_d)
+        self._wait_healthy(dispatcher)
+        return dispatcher
+
+    def minimal_nginx(self, name: str, backends: Backends) -> Dispatcher:
+        """The least an nginx reverse proxy can be: one upstream with keepalive and proxy_pass.
+
+        A reference, not a dispatcher: no caps, overflow, retries or error pages. Whatever
+        throughput it loses against direct is the cost of the hop itself.
+        """
+        port = free_port()
+        servers = "".join(f"        server 127.0.0.1:{p};\n" for p in backends.ports)
+        conf_d = self.root / f"{name}.conf"
+        conf_d.write_text(
+            f"upstream minimal {{\n{servers}        keepalive 128;\n}}\n"
+            f"server {{\n    listen 127.0.0.1:{port};\n    location / {{\n        proxy_pass http://minimal;\n"
+            "        proxy_http_version 1.1;\n        proxy_set_header Connection \"\";\n    }\n}\n")
         procs = self._nginx(name, "auto", f"    include {conf_d};\n")
         dispatcher = Dispatcher(name, port, procs, conf_d)
         self._wait_healthy(dispatcher)

@@ -73,6 +73,13 @@ def test_every_path_moves_requests(quick_run):
         assert per["vfgen"]["failed"] == 0 and per["round-robin"]["failed"] == 0, per
 
 
+def test_the_bare_nginx_hop_is_measured_as_a_reference(quick_run):
+    stdout, results, _ = quick_run
+    for part in (results["fast"]["saturated"], results["fast"]["light"]):
+        assert part["nginx-minimal"]["rps"] > 0 and part["nginx-minimal"]["failed"] == 0, part["nginx-minimal"]
+    assert "minimal nginx proxy_pass" in stdout and "of that minimal proxy" in stdout, stdout[-2000:]
+
+
 def test_failure_run_kills_a_backend_and_vfgen_loses_nothing(quick_run):
     _, results, _ = quick_run
     for name, summary in results["failure"].items():
