@@ -46,6 +46,14 @@ MANAGED_VLLM_FLAGS = {
     "-tp": "tensor-parallel-size",
     "--shutdown-timeout": "shutdown-timeout",
 }
+# vLLM flags vfgen emits only when their setting is given: as extra args too they would
+# appear twice, and which one wins is up to vLLM's parser.
+OPTIONAL_VLLM_FLAGS = {
+    "--dtype": "dtype",
+    "--max-model-len": "max_model_len",
+    "--enforce-eager": "enforce_eager",
+    "--io-processor-plugin": "io_processor_plugin",
+}
 RESERVED_ENV = {"CUDA_VISIBLE_DEVICES": "cuda-devices / gpus"}
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -127,6 +135,11 @@ class Deployment:
     source: str | None = None
 
     @property
+    def single_instance(self) -> bool:
+        """One model, one instance, all on this host: vLLM serves the user port itself, no nginx."""
+        return len(self.models) == 1 and self.models[0].instances == 1 and not self.upstream_hosts
+
+    @property
     def all_served_names(self) -> tuple[str, ...]:
         return tuple(n for m in self.models for n in m.served_names)
 
@@ -199,6 +212,7 @@ def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deplo
     )
     if deployment.default_model is not None and deployment.default_model not in deployment.all_served_names:
         raise v.error("default_model", default_model, f"is not a served name (served: {', '.join(deployment.all_served_names)})")
+    _check_single_host(v, deployment)
     _check_edge(v, deployment)
     return deployment
 
@@ -235,13 +249,19 @@ def _edge(v: "_Validator", data: Mapping[str, Any]) -> dict[str, Any]:
     return edge
 
 
+def _check_single_host(v: "_Validator", d: Deployment) -> None:
+    """A single instance binds `listen`; a `host` of its own would be silently ignored."""
+    if d.single_instance and d.host not in ("127.0.0.1", d.listen):
+        raise v.error("host", d.host, f"a single instance serves the user port on {v.label('listen')} itself and "
+                      f"has no backend address; set {v.label('listen')} instead, or use 2 or more instances")
+
+
 def _check_edge(v: "_Validator", d: Deployment) -> None:
     """The edge only protects what cannot be reached around it."""
     features = [k for k in ("api_key_file", "tls_certificate", "rate_limit") if getattr(d, k) is not None]
     if not features:
         return
-    if len(d.models) == 1 and d.models[0].instances == 1 and not d.upstream_hosts:
-        # Same rule as vfgen.plan: one instance serves the user port itself, without nginx.
+    if d.single_instance:
         raise v.error(features[0], getattr(d, features[0]),
                       "needs the nginx dispatcher, but a single instance serves the port itself; use 2 or more instances")
     if not d.upstream_hosts and not _is_loopback(d.host):
@@ -365,7 +385,7 @@ def _parse_model(v: "_Validator", raw: Any, index: int) -> ModelSpec:
         for i, e in enumerate(inst_env_raw)
     )
     dtype = data.get("dtype")
-    return ModelSpec(
+    spec = ModelSpec(
         key=key,
         source=source,
         served_names=names,
@@ -383,6 +403,12 @@ def _parse_model(v: "_Validator", raw: Any, index: int) -> ModelSpec:
         env=env,
         instance_env=instance_env,
     )
+    for arg in spec.extra_args:
+        setting = OPTIONAL_VLLM_FLAGS.get(arg.split("=", 1)[0])
+        if setting and getattr(spec, setting):
+            raise v.error(f"{p}extra_args", arg, f"{arg.split('=', 1)[0]} is already set by the "
+                          f"`{setting.replace('_', '-')}` setting; give it once")
+    return spec
 
 
 def _printable(text: str) -> str:

@@ -39,6 +39,7 @@ from vfgen.health import Target, probe, wait
 STOP_GRACE_S = 10.0  # SIGTERM → SIGKILL delay for a child that missed --start-timeout
 LOCK_POLL_S = 0.1
 LOCK_REPORT_EVERY_S = 10.0
+LOCK_NAME_GRACE_S = 1.0  # how long a fresh holder may take to write its pid into the lock file
 HEALTH_POLL_S = 0.5
 HEALTH_REPORT_EVERY_S = 30.0
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -178,8 +179,12 @@ class _Launcher:
                     break
                 except BlockingIOError:
                     now = time.monotonic()
-                    if now >= next_report:
-                        self.say(f"waiting for lock {path} ({_holder(fd)}; {now - began:.0f}s so far)")
+                    holder = _holder(fd)
+                    # A holder writes its pid just after taking the lock: give it a moment
+                    # before reporting a holder without one.
+                    named = holder.startswith("held by pid") or now - began >= LOCK_NAME_GRACE_S
+                    if now >= next_report and named:
+                        self.say(f"waiting for lock {path} ({holder}; {now - began:.0f}s so far)")
                         next_report = now + LOCK_REPORT_EVERY_S
                     time.sleep(LOCK_POLL_S)
             if time.monotonic() - began > LOCK_POLL_S:

@@ -103,7 +103,7 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
     shares = _memory_shares(d, placements)
     memory, warnings = _memory_fits(d, placements, shares, gpu_bytes or d.gpu_memory_bytes)
     total = len(placements)
-    single = len(d.models) == 1 and total == 1 and not d.upstream_hosts
+    single = d.single_instance
     ports = _ports(d, total, single)
 
     instances: list[Instance] = []
