@@ -35,6 +35,7 @@ from typing import Sequence
 from bench.wrk import MODEL
 from tests.harness.deploy import console_script
 from tests.harness.procs import ProcessGroup, free_port, free_port_range, wait_port
+from vfgen import procfs
 
 REPO = Path(__file__).resolve().parent.parent
 BACKENDS = 4
@@ -320,14 +321,8 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     """User+system CPU time of these processes and all their descendants (e.g. nginx workers)."""
     stats: dict[int, tuple[int, float]] = {}  # pid -> (parent pid, CPU seconds)
     ticks = os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    for pid, fields in procfs.stat_fields().items():
+        stats[pid] = (int(fields[procfs.PPID]), (int(fields[procfs.UTIME]) + int(fields[procfs.STIME])) / ticks)
     wanted = set(pids)
     grew = True
     while grew:  # add children of wanted processes until nothing changes

@@ -34,6 +34,7 @@ import sys
 import time
 from urllib.parse import urlparse
 
+from vfgen import procfs
 from vfgen.health import Target, probe, wait
 
 STOP_GRACE_S = 10.0  # SIGTERM → SIGKILL delay for a child that missed --start-timeout
@@ -274,7 +275,7 @@ class _Launcher:
         gets SIGKILL: vLLM's engine core and worker outlive a SIGKILLed API server, holding
         its memory (GPU memory too)."""
         deadline = time.monotonic() + ORPHAN_GRACE_S
-        while (left := _children(os.getpid())) and time.monotonic() < deadline + ORPHAN_GRACE_S:
+        while (left := procfs.children(os.getpid())) and time.monotonic() < deadline + ORPHAN_GRACE_S:
             late = time.monotonic() > deadline
             for pid in left:
                 try:
@@ -361,20 +362,6 @@ class _PrefixedOut:
 
     def flush(self) -> None:
         pass
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    stat = handle.read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 def _comm(pid: int) -> str:

@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from vfgen import procfs
 from vfgen.errors import VfgenError
 
 _SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -146,18 +147,11 @@ class LocalRun:
 def kill_session(sid: int) -> list[int]:
     """SIGKILL every process left in session `sid` (supervisord's children set their own process groups)."""
     killed = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] != "Z":  # fields[3] is the session id
+    for pid, fields in procfs.stat_fields().items():
+        if int(fields[procfs.SESSION]) == sid and fields[procfs.STATE] != "Z":
             try:
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed.append(int(entry.name))
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
             except (ProcessLookupError, PermissionError):
                 pass
     return killed

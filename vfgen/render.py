@@ -16,8 +16,8 @@ import jinja2
 
 from vfgen import __version__, quoting
 from vfgen.config import Deployment, read_api_keys
-from vfgen.plan import Instance, Plan
 from vfgen.errors import RenderError
+from vfgen.plan import Instance, Plan
 
 # Free-text fields cut out of the affinity shape; one map strips one
 # occurrence, and three maps cover typical requests (text + labels, a prompt).

@@ -17,8 +17,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests.ansible.conftest import run_testinfra
-from tests.ansible.harness import (EXAMPLES, Ansible, PlaybookRun, Tools, example_deployment, offline_binds,
-                                   use_local_apt_repo)
+from tests.ansible.harness import EXAMPLES, Ansible, PlaybookRun, Tools, example_deployment, offline_binds, use_local_apt_repo
 from tests.harness.nspawn import Container, booted_container
 
 pytestmark = pytest.mark.ansible

@@ -24,8 +24,19 @@ from typing import Any, Iterator
 import pytest
 
 from tests.ansible.conftest import run_testinfra
-from tests.ansible.harness import (EXAMPLES, Ansible, PlaybookRun, PrivateNetwork, SteadyLoad, Tools,
-                                   example_deployment, failures, http_json, offline_binds, use_local_apt_repo)
+from tests.ansible.harness import (
+    EXAMPLES,
+    Ansible,
+    PlaybookRun,
+    PrivateNetwork,
+    SteadyLoad,
+    Tools,
+    example_deployment,
+    failures,
+    http_json,
+    offline_binds,
+    use_local_apt_repo,
+)
 from tests.harness.nspawn import Container, booted_container
 
 pytestmark = pytest.mark.ansible

@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from tests.harness.procs import ProcessGroup, free_port_range, wait_port
+from tests.harness.tls import self_signed_certificate
 from tests.harness.tools import require_tool
 from vfgen import config
 from vfgen.output import write_tree
@@ -195,14 +196,7 @@ def test_rate_limit_is_per_client_and_answers_429_json(tmp_path: Path, procs, cl
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    openssl = require_tool("openssl", "openssl")
-    where = tmp_path_factory.mktemp("tls")
-    cert, key = where / "cert.pem", where / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True, timeout=60)
-    key.chmod(0o600)
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 def handshake(port: int, cert: Path, *, version: ssl.TLSVersion, ciphers: str | None = None) -> ssl.SSLSocket:

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 import re
 import shutil
 import string
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 

@@ -30,6 +30,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.harness.procs import free_port, free_port_range, wait_port
+from tests.harness.tls import self_signed_certificate
 from tests.harness.tools import require_tool
 from tests.security import parsers
 from tests.security.test_injection import field_text, free_text, fuzz_settings, mostly_valid_text, valid_key
@@ -103,14 +104,7 @@ def collect(strategy, make, count: int) -> list:
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    openssl = require_tool("openssl", "openssl")
-    where = tmp_path_factory.mktemp("tls")
-    cert, key = where / "cert.pem", where / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True, timeout=60)
-    key.chmod(0o600)
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 def nginx_main(tmp: Path, include: Path, daemon: bool = True) -> Path:

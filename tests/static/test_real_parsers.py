@@ -159,7 +159,6 @@ def test_supervisord_parser_reads_back_every_argv(name: str, tmp_path: Path) -> 
 
 def _cli_opts(args: list[str], extra: list[str]) -> dict:
     """Parse a scenario's CLI args the way typer would, via the real command (without running it)."""
-    import click
     import typer.main
 
     command = typer.main.get_command(app).commands["render"]

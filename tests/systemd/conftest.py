@@ -7,7 +7,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.harness.nspawn import Container, booted_container, ensure_rootfs, python_env_binds, service_binds
+from tests.harness.nspawn import Container, booted_container, ensure_rootfs, service_binds
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.nspawn import booted_container, python_env_binds, service_binds
+from tests.harness.nspawn import booted_container, service_binds
 from tests.harness.systemd_deploy import (
     FAKE_GPU_DEVICES,
     DeploymentError,

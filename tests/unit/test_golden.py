@@ -9,10 +9,9 @@ import os
 from pathlib import Path
 
 import pytest
-
-from tests.scenarios import SCENARIOS
 from typer.testing import CliRunner
 
+from tests.scenarios import SCENARIOS
 from vfgen.cli import app
 
 GOLDEN = Path(__file__).parent.parent / "golden"

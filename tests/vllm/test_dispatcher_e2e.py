@@ -37,6 +37,7 @@ from tests.harness.deploy import (
 )
 from tests.harness.load import LoadResult, run_load, start_load
 from tests.vllm.conftest import fail_on_start_error, instance_log, log_tail, record
+from vfgen import procfs
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -57,14 +58,8 @@ DRAIN_CHOICES = 16
 
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        tree.setdefault(ppid, []).append(int(entry))
+    for pid, fields in procfs.stat_fields().items():
+        tree.setdefault(int(fields[procfs.PPID]), []).append(pid)
     return tree
 
 
