@@ -12,13 +12,14 @@ BINS = ["--vfgen-bin", "/usr/local/bin/vfgen", "--vllm-bin", "/opt/vllm/bin/vllm
 
 SCENARIOS: dict[str, list[str]] = {
     "single-instance": ["org/tiny-model", *BINS],
-    "four-instances": ["Qwen/Qwen2.5-0.5B", "-n", "4", *BINS],
+    "four-instances": ["Qwen/Qwen2.5-0.5B", "-n", "4", "--env-file", "/etc/vfgen/secrets.env", *BINS],
     "four-affinity-queue": [
         "/models/my gliner", "-n", "4", "--served-model-name", "gliner", "--enable-request-affinity",
         "--max-queue", "4", "--max-batch-size", "8", "--cuda-devices", "0,1", "--env", "HF_HUB_OFFLINE=1", *BINS,
         "--", "--trust-remote-code", "--chat-template", "/etc/vllm/tmpl; }#.jinja",
     ],
-    "supervisord-two-gpus": ["org/m", "-n", "4", "--cuda-devices", "0,1", "--backend", "supervisord", "--user", "nobody", *BINS],
+    "supervisord-two-gpus": ["org/m", "-n", "4", "--cuda-devices", "0,1", "--backend", "supervisord", "--user", "nobody",
+                             "--env-file", "/etc/vfgen/secrets.env", *BINS],
 }
 for example in sorted(EXAMPLES.glob("*.yaml")):
     SCENARIOS[f"example-{example.stem}"] = ["-f", str(example), *BINS]

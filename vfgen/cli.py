@@ -84,7 +84,8 @@ _DEPLOYMENT_PARAMS = [
     ("vllm_bin", Optional[str], _OPTS(None, help="Path of the vllm executable. [default: vllm]")),
     ("vfgen_bin", Optional[str], _OPTS(None, help="Path of this vfgen executable as the units should call it. [default: vfgen]")),
     ("user", Optional[str], _OPTS(None, help="System user the instances run as. [default: vllm]")),
-    ("env", Optional[List[str]], _OPTS(None, "--env", "-e", help="KEY=VALUE for every instance (repeatable).")),
+    ("env", Optional[List[str]], _OPTS(None, "--env", "-e", help="KEY=VALUE for every instance (repeatable). Lands in the unit or conf file: no secrets.")),
+    ("env_file", Optional[str], _OPTS(None, help="KEY=VALUE file read when an instance starts, for secrets such as HF_TOKEN; keep it mode 0600.")),
     ("backend", Optional[str], _OPTS(None, help="Process manager: systemd or supervisord. [default: systemd]")),
     ("start_timeout", Optional[int], _OPTS(None, help="Seconds an instance may take to become healthy. [default: 900]")),
     ("shutdown_timeout", Optional[int], _OPTS(None, help="vLLM --shutdown-timeout: seconds in-flight requests get on stop. [default: 30]")),
@@ -114,7 +115,7 @@ _MODEL_OPTIONS = {
     "instances": "instances", "max_batch_size": "max_batch_size", "gpu_memory_utilization": "gpu_memory_utilization",
     "cuda_devices": "gpus", "tensor_parallel_size": "tensor_parallel_size", "dtype": "dtype",
     "io_processor_plugin": "io_processor_plugin", "max_model_len": "max_model_len",
-    "served_model_name": "served_model_name", "vllm_args": "extra_args",
+    "served_model_name": "served_model_name", "vllm_args": "extra_args", "env_file": "env_file",
 }
 _MODEL_FLAGS = {"enable_request_affinity": "enable_request_affinity", "enforce_eager": "enforce_eager"}
 

@@ -101,6 +101,8 @@ class ModelSpec:
     extra_args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     instance_env: tuple[tuple[tuple[str, str], ...], ...] = ()
+    # KEY=VALUE file for secrets (HF_TOKEN...): read at start, never copied into units or argv.
+    env_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -343,7 +345,7 @@ _TIMEOUT_KEYS = {"start", "shutdown", "read", "connect", "fail"}
 _MODEL_KEYS = {
     "model", "name", "served_model_name", "aliases", "instances", "gpus", "tensor_parallel_size",
     "gpu_memory_utilization", "max_batch_size", "max_model_len", "dtype", "enforce_eager",
-    "io_processor_plugin", "enable_request_affinity", "extra_args", "env", "instance_env",
+    "io_processor_plugin", "enable_request_affinity", "extra_args", "env", "instance_env", "env_file",
 }
 
 
@@ -402,6 +404,7 @@ def _parse_model(v: "_Validator", raw: Any, index: int) -> ModelSpec:
         extra_args=v.extra_args(f"{p}extra_args", data.get("extra_args", [])),
         env=env,
         instance_env=instance_env,
+        env_file=None if data.get("env_file") is None else v.safe_path(f"{p}env_file", data["env_file"]),
     )
     for arg in spec.extra_args:
         setting = OPTIONAL_VLLM_FLAGS.get(arg.split("=", 1)[0])

@@ -15,7 +15,8 @@ every instance runs under this launcher, which:
 6. waits for the child and exits with its exit code (128+N when killed by signal N).
 
 Usage: python -m vfgen.launch [--lock PATH]... [--after URL]... --health-url URL
-       [--served-model-name NAME] [--start-timeout S] [--env KEY=VALUE]... [--] COMMAND...
+       [--served-model-name NAME] [--start-timeout S] [--env KEY=VALUE]... [--env-file PATH]
+       [--] COMMAND...
 
 It wraps every vLLM process for its whole life, so it imports only the standard library
 and the probe from vfgen.health. All its lines go to stderr, prefixed
@@ -65,6 +66,34 @@ def _env_pair(text: str) -> tuple[str, str]:
     return key, value
 
 
+class EnvFileError(Exception):
+    pass
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=VALUE lines as systemd's EnvironmentFile= reads them: blank lines and lines starting
+    with # or ; are skipped, one pair of matching quotes around a value is removed."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EnvFileError(f"cannot read env file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    env = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit() or not key.isascii():
+            # The line may hold a secret: name the line, never echo it.
+            raise EnvFileError(f"{path}:{number}: not a KEY=VALUE line")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key] = value
+    return env
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -88,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--start-timeout", type=_positive, default=900.0, metavar="S")
     parser.add_argument("--env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment variable for the child (repeatable)")
+    parser.add_argument("--env-file", default=None, metavar="PATH",
+                        help="KEY=VALUE lines (# comments) read at start, for secrets; they override --env")
     return parser
 
 
@@ -324,6 +355,12 @@ class _Launcher:
     def run(self) -> int:
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, self._on_signal)
+        if self.args.env_file:
+            try:
+                self.child_env.update(read_env_file(self.args.env_file))
+            except EnvFileError as exc:
+                self.say(str(exc))
+                return 1
         try:
             self.wait_for_predecessors()
             try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class Instance:
     url: str  # base URL to probe
     served_name: str  # the name its /v1/models must list
     env: tuple[tuple[str, str], ...]  # CUDA_VISIBLE_DEVICES first, then model, then instance env
+    env_file: str | None  # secrets, read at start by systemd (EnvironmentFile=) or the launcher
     vllm_argv: tuple[str, ...]
     start_timeout: int  # includes waiting behind every other instance on its GPUs
     unit_start_timeout: int  # systemd TimeoutStartSec: the health wait plus a margin to start it
@@ -102,6 +104,7 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
     placements = _place(d)
     shares = _memory_shares(d, placements)
     memory, warnings = _memory_fits(d, placements, shares, gpu_bytes or d.gpu_memory_bytes)
+    warnings += _secret_warnings(d)
     total = len(placements)
     single = d.single_instance
     ports = _ports(d, total, single)
@@ -131,6 +134,7 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
             url=f"http://{_connect_host(host)}:{ports[n]}",
             served_name=model.served_names[0],
             env=_env(model, index, gpus),
+            env_file=model.env_file,
             vllm_argv=_vllm_argv(d, model, host, ports[n], f"{shares[n]:.2f}"),
             start_timeout=d.timeouts.start * queue,
             unit_start_timeout=d.timeouts.start * queue + 60,
@@ -265,6 +269,19 @@ def _env(m: ModelSpec, index: int, gpus: tuple[str, ...]) -> tuple[tuple[str, st
     if m.instance_env:
         env += list(m.instance_env[index])
     return tuple(env)
+
+
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|(^|_)(API_)?KEY$", re.IGNORECASE)
+
+
+def _secret_warnings(d: Deployment) -> tuple[str, ...]:
+    keys = sorted({k for m in d.models for k, _ in (*m.env, *(p for e in m.instance_env for p in e))
+                   if _SECRET_NAME.search(k)})
+    if not keys:
+        return ()
+    return (f"env {', '.join(keys)} look{'s' if len(keys) == 1 else ''} like a secret; env values are written "
+            "into the rendered unit or supervisord files (world-readable) and the supervisord command lines. "
+            "Put secrets in an env_file (--env-file) instead.",)
 
 
 def _vllm_argv(d: Deployment, m: ModelSpec, host: str, port: int, share: str) -> tuple[str, ...]:

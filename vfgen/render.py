@@ -236,6 +236,8 @@ def launch_argv(plan: Plan, inst: Instance, *, supervisord: bool) -> list[str]:
     if supervisord:
         for key, value in inst.env:
             argv += ["--env", f"{key}={value}"]
+        if inst.env_file:
+            argv += ["--env-file", inst.env_file]
     return argv + ["--", *inst.vllm_argv]
 
 

@@ -38,6 +38,7 @@ FAKE_VLLM_BIN = Path(sys.executable).with_name("vfgen-fake-vllm")
 
 EVENT_LOG = "/var/lib/vfgen/events.jsonl"  # inside StateDirectory=vfgen: writable under ProtectSystem=strict
 CLIENT_PATH = "/usr/local/lib/vfgen-test-client.py"
+SECRET_ENV = ("VFGEN_TEST_SECRET", "hf_not-in-any-rendered-file")
 FAKE_GPU_DEVICES = {"nvidia0": (195, 0), "nvidia1": (195, 1), "nvidiactl": (195, 255)}
 
 TIMESTAMP_PROPS = (
@@ -67,6 +68,7 @@ class Spec:
     shutdown_timeout: int = 5
     start_timeout: int = 60
     extra_env: tuple[str, ...] = ()
+    env_file: str | None = None  # written by prepare(), root-only, holding SECRET_ENV
 
     def render_args(self) -> list[str]:
         # PYTHONPATH: the units' PrivateTmp hides an editable checkout under /tmp (see nspawn.REPO_FOR_SERVICES).
@@ -83,6 +85,8 @@ class Spec:
         ]
         for pair in env:
             args += ["--env", pair]
+        if self.env_file:
+            args += ["--env-file", self.env_file]
         return args
 
 
@@ -125,6 +129,9 @@ class SystemdDeployment:
         self._make_traversable(python_env_binds())
         for node, (major, minor) in FAKE_GPU_DEVICES.items():
             c.run(["mknod", "-m", "666", f"/dev/{node}", "c", str(major), str(minor)])
+        if self.spec.env_file:
+            c.run(["mkdir", "-p", str(Path(self.spec.env_file).parent)])
+            c.write_file(self.spec.env_file, f"# operator's secrets\n{SECRET_ENV[0]}={SECRET_ENV[1]}\n", mode=0o600)
         for script in (VFGEN_BIN, FAKE_VLLM_BIN):
             check = c.run(["runuser", "-u", self.spec.user, "--", str(script), "--help"], check=False)
             if check.returncode != 0:

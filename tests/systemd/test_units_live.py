@@ -31,6 +31,7 @@ import pytest
 from tests.harness.nspawn import booted_container, service_binds
 from tests.harness.systemd_deploy import (
     FAKE_GPU_DEVICES,
+    SECRET_ENV,
     DeploymentError,
     Spec,
     SystemdDeployment,
@@ -78,7 +79,7 @@ def _deployment(rootfs: Path, spec: Spec) -> Iterator[SystemdDeployment]:
 
 @pytest.fixture(scope="module")
 def started(rootfs: Path) -> Iterator[SystemdDeployment]:
-    with _deployment(rootfs, Spec()) as deployment:
+    with _deployment(rootfs, Spec(env_file="/etc/vfgen/secrets.env")) as deployment:
         seconds = deployment.start()
         print(f"\nsystemctl start {deployment.target}: {seconds:.1f}s for {len(deployment.units)} instances")
         deployment.records["after_start"] = deployment.snapshot()
@@ -215,6 +216,19 @@ def test_vllm_unit_is_hardened_and_still_reaches_the_gpu_devices(started: System
     for path in ("/usr/lib/vfgen-probe", "/home/vfgen-probe", "/etc/vfgen-probe"):
         denied = c.run(["nsenter", "-t", str(pid), "-m", "-S", uid, "-G", uid, "touch", path], check=False)
         assert denied.returncode != 0 and "Read-only file system" in denied.stderr, (path, denied.stderr)
+
+
+def test_env_file_secret_reaches_vllm_but_no_rendered_file(started: SystemdDeployment) -> None:
+    c, unit = started.container, started.units[0]
+    key, secret = SECRET_ENV
+    environ = dict(item.split("=", 1) for item in c.read_file(f"/proc/{started.vllm_pid(unit)}/environ").split("\0") if "=" in item)
+    assert environ.get(key) == secret, sorted(environ)
+    assert started.props(unit, "EnvironmentFiles")["EnvironmentFiles"].startswith(started.spec.env_file)
+    for path in started.unit_files():
+        assert secret not in c.read_file(path), path
+    # systemd reads the file as root before dropping privileges: the service user cannot.
+    denied = c.run(["runuser", "-u", started.spec.user, "--", "cat", started.spec.env_file], check=False)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
 
 
 def test_exposure_score_is_under_the_limit_and_documented(started: SystemdDeployment) -> None:

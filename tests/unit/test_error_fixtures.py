@@ -77,3 +77,11 @@ def test_version_and_bare_invocation() -> None:
     assert version.exit_code == 0 and version.stdout.startswith("vfgen ")
     bare = CliRunner().invoke(app, [])
     assert bare.exit_code == 2 and "render" in bare.stdout
+
+
+def test_secret_in_env_renders_with_a_warning_on_stderr(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["render", "org/m", "-n", "2", "--env", "HF_TOKEN=hf_x", "--output-dir",
+                                      str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "Warning: env HF_TOKEN looks like a secret" in result.stderr and "--env-file" in result.stderr
+    assert (tmp_path / "etc/systemd/system/vllm-m-0.service").exists()

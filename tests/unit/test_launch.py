@@ -292,6 +292,35 @@ def test_env_reaches_the_child(procs, tmp_path):
     assert launched.events("start")[0]["env"] == {"VFGEN_TEST_A": "1=2", "VFGEN_TEST_EMPTY": "", "PYTHONPATH": str(REPO)}
 
 
+def test_env_file_reaches_the_child_and_overrides_env(procs, tmp_path):
+    env_file = tmp_path / "secrets.env"
+    env_file.write_text('# secrets\n\nVFGEN_TEST_TOKEN="s3 cr=t"\n; ignored\n  VFGEN_TEST_A = from-file \n')
+    env_file.chmod(0o600)
+    launched = launch(procs, tmp_path, "a", "--env", "VFGEN_TEST_A=from-env", "--env-file", str(env_file),
+                      child=("--record-env", "VFGEN_TEST_TOKEN", "--record-env", "VFGEN_TEST_A"))
+    until(lambda: launched.events("start"), 10, "the child to start")
+    # As systemd's EnvironmentFile=: the file wins over Environment= (--env).
+    assert launched.events("start")[0]["env"] == {"VFGEN_TEST_TOKEN": "s3 cr=t", "VFGEN_TEST_A": "from-file"}
+    assert "s3 cr=t" not in launched.text()
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "cannot read env file {path}: No such file or directory"),
+    ("OK=1\nHF_TOKEN hf_secretvalue\n", "{path}:2: not a KEY=VALUE line"),
+    ("1BAD=x\n", "{path}:1: not a KEY=VALUE line"),
+])
+def test_bad_env_file_exits_1_naming_it_without_starting_or_echoing(procs, tmp_path, content, message):
+    env_file = tmp_path / "secrets.env"
+    if content is not None:
+        env_file.write_text(content)
+    lock = tmp_path / "gpu-0.lock"
+    launched = launch(procs, tmp_path, "a", "--lock", str(lock), "--env-file", str(env_file))
+    assert finish(launched) == 1
+    assert message.format(path=env_file) in launched.text(), launched.text()
+    assert "hf_secretvalue" not in launched.text()
+    assert not launched.events("start") and lock_is_free(lock)
+
+
 def test_output_lines_carry_the_prefix(procs, tmp_path):
     launched = launch(procs, tmp_path, "a")
     until(lambda: "healthy after" in launched.text(), 10, "the launcher to become healthy")

@@ -125,3 +125,21 @@ def test_auto_share_too_small_for_a_local_model_is_an_error_with_the_table():
 def test_explicit_share_too_small_is_a_warning():
     plan = plan_of(gpu_memory="24GB", models=[{"model": MODERNBERT, "name": "mb", "gpu_memory_utilization": 0.05}])
     assert plan.warnings and "Use at least 0.14" in plan.warnings[0]
+
+
+@pytest.mark.parametrize("key,secret", [
+    ("HF_TOKEN", True), ("HUGGING_FACE_HUB_TOKEN", True), ("OPENAI_API_KEY", True), ("WANDB_KEY", True),
+    ("DB_PASSWORD", True), ("AWS_SECRET_ACCESS_KEY", True),
+    ("HF_HUB_OFFLINE", False), ("VLLM_CPU_KVCACHE_SPACE", False), ("KEYBOARD", False), ("MONKEY_PATCH", False),
+])
+def test_secret_looking_env_names_warn_towards_env_file(key, secret):
+    plan = plan_of(models=[{"model": "m", "instances": 2, "env": {key: "x"}}])
+    warned = [w for w in plan.warnings if key in w and "env_file" in w]
+    assert bool(warned) == secret, plan.warnings
+
+
+def test_instance_env_secrets_warn_too_and_env_file_alone_does_not():
+    plan = plan_of(models=[{"model": "m", "instances": 2, "instance_env": [{}, {"HF_TOKEN": "x"}]}])
+    assert any("HF_TOKEN" in w for w in plan.warnings)
+    plan = plan_of(models=[{"model": "m", "instances": 2, "env_file": "/etc/vfgen/secrets.env"}])
+    assert not plan.warnings and {i.env_file for i in plan.instances} == {"/etc/vfgen/secrets.env"}
