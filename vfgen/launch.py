@@ -18,8 +18,8 @@ Usage: python -m vfgen.launch [--lock PATH]... [--after URL]... --health-url URL
        [--served-model-name NAME] [--start-timeout S] [--env KEY=VALUE]... [--env-file PATH]
        [--] COMMAND...
 
-It wraps every vLLM process for its whole life, so it imports only the standard library
-and the probe from vfgen.health. All its lines go to stderr, prefixed
+It wraps every vLLM process for its whole life, so it imports only the standard library,
+vfgen.procfs and the probe from vfgen.health. All its lines go to stderr, prefixed
 `vfgen-launch[<served name>:<port>]:`.
 """
 
