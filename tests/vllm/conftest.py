@@ -266,6 +266,9 @@ def cpu_deployment_spec(llama: Path, bert: Path, cache_dir: Path) -> dict:
     models = {m["name"]: m for m in spec["models"]}
     models["llama"]["model"] = str(llama)
     models["bert"]["model"] = str(bert)
+    # vLLM logs "Added request <id>." per choice it hands to its engine: the stop test
+    # waits for all of them (tests/vllm/test_dispatcher_e2e.py).
+    models["llama"]["extra_args"] = [*models["llama"]["extra_args"], "--enable-log-requests"]
     for model in spec["models"]:
         # PYTHONUNBUFFERED: the tests read the instances' logs while they run; through a
         # pipe, Python's stdout reaches them in 8 KiB blocks, seconds late.
