@@ -8,14 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-if ! dpkg-query -W -f='${Status}' wrk 2>/dev/null | grep -q "install ok installed"; then
-    echo "[install-bench] apt-get install wrk"
-    $SUDO apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends wrk
-fi
+scripts/apt-install-missing.sh install-bench wrk
 
 if ! "$PYTHON" -c "import matplotlib, aiohttp" 2>/dev/null; then
     echo "[install-bench] pip install matplotlib aiohttp"

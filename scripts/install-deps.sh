@@ -11,16 +11,8 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 # nginx-light is Debian's nginx with the mirror and stub_status modules vfgen uses.
-PACKAGES="nginx-light supervisor systemd-container debootstrap debian-archive-keyring util-linux iproute2 curl procps wrk openssl"
-missing=""
-for pkg in $PACKAGES; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
-done
-if [ -n "$missing" ]; then
-    echo "[install-deps] apt-get install$missing"
-    $SUDO apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
-fi
+scripts/apt-install-missing.sh install-deps nginx-light supervisor systemd-container debootstrap \
+    debian-archive-keyring util-linux iproute2 curl procps wrk openssl
 # The Debian packages start their daemons on install; the tests run their own.
 for svc in nginx supervisor; do
     if pgrep -x "${svc/supervisor/supervisord}" >/dev/null 2>&1 && command -v service >/dev/null; then

@@ -5,14 +5,4 @@
 # install scripts; hypothesis, crossplane and supervisor from the `test` extra.
 set -eu
 
-PACKAGES="openssl"
-missing=""
-for pkg in $PACKAGES; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
-done
-if [ -n "$missing" ]; then
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
-fi
+"$(dirname "$0")/apt-install-missing.sh" install-security-tier openssl

@@ -13,15 +13,8 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-PACKAGES="systemd-container debootstrap debian-archive-keyring util-linux iproute2 curl"
-missing=""
-for pkg in $PACKAGES; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
-done
-if [ -n "$missing" ]; then
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing
-fi
+"$(dirname "$0")/apt-install-missing.sh" install-systemd-tier systemd-container debootstrap \
+    debian-archive-keyring util-linux iproute2 curl
 
 if [ "${1:-}" = "--prebuild" ]; then
     cd "$(dirname "$0")/.."
