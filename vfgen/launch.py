@@ -29,6 +29,7 @@ import argparse
 import ctypes
 import fcntl
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,27 +72,155 @@ class EnvFileError(Exception):
 
 
 def read_env_file(path: str) -> dict[str, str]:
-    """KEY=VALUE lines as systemd's EnvironmentFile= reads them: blank lines and lines starting
-    with # or ; are skipped, one pair of matching quotes around a value is removed."""
+    """The variables systemd's EnvironmentFile= would set from `path`, read the same way.
+
+    Under systemd the unit's EnvironmentFile= reads the file; under supervisord this launcher
+    does. Both must give the child the same environment, so this follows systemd 252's parser
+    (src/basic/env-file.c, then strv_env_clean): see parse_env_text for the syntax. Assignments
+    systemd drops (a line without `=`, an invalid name) are dropped here too, with a warning
+    naming the line; invalid UTF-8 or a NUL byte fails the start, as it fails systemd's. Values are never
+    echoed: the file holds secrets.
+    """
     try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EnvFileError(f"cannot read env file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    env = {}
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line[0] in "#;":
-            continue
-        key, sep, value = line.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit() or not key.isascii():
-            # The line may hold a secret: name the line, never echo it.
-            raise EnvFileError(f"{path}:{number}: not a KEY=VALUE line")
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        env[key] = value
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as exc:
+        raise EnvFileError(f"cannot read env file {path}: {exc.strerror or exc}") from None
+    if b"\0" in raw:
+        raise EnvFileError(f"{path}: a NUL byte (systemd refuses to start with this file)")
+    text = raw.decode("utf-8", "surrogateescape")
+    env: dict[str, str] = {}
+    for line, key, value in parse_env_text(text):
+        if value is None:
+            _warn(f"{path}:{line}: not a KEY=VALUE line; ignored, as systemd ignores it")
+        elif _has_invalid_utf8(key) or _has_invalid_utf8(value):
+            raise EnvFileError(f"{path}:{line}: invalid UTF-8 (systemd refuses to start with this file)")
+        elif not _ENV_NAME.fullmatch(key):
+            _warn(f"{path}:{line}: invalid variable name; ignored, as systemd ignores it")
+        else:
+            env.pop(key, None)  # the last assignment of a name wins, as in systemd
+            env[key] = value
     return env
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SPACE, _NEWLINE, _COMMENT, _SHELL_ESCAPED = " \t\n\r", "\n\r", "#;", '"\\`$'
+
+
+def _has_invalid_utf8(text: str | None) -> bool:
+    return text is not None and any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _warn(message: str) -> None:
+    print(f"vfgen-launch: {message}", file=sys.stderr, flush=True)
+
+
+def parse_env_text(text: str) -> list[tuple[int, str, str | None]]:
+    """(line, key, value) per assignment, as systemd's env-file state machine reads them.
+
+    - Lines whose first non-blank character is # or ; are comments; a backslash at the end
+      of a comment line continues the comment. CR counts as a line end, like LF.
+    - Blanks around the key and before the value are dropped. A line without `=` yields
+      value None (systemd skips it).
+    - Unquoted values lose trailing blanks; a backslash keeps the next character literally,
+      and a backslash before a line end joins the next line.
+    - 'single quotes' keep everything literally, newlines included.
+    - In "double quotes", a backslash escapes only " \\ ` $ and a line end; before any other
+      character it stays.
+    - After a closing quote, parsing goes on as before the value: blanks are skipped and
+      whatever follows is appended, so `"a" "b"` gives ab.
+    """
+    out: list[tuple[int, str, str | None]] = []
+    state = "pre_key"
+    key: list[str] = []
+    value: list[str] = []
+    key_blank_at = value_blank_at = None  # where a run of trailing blanks starts
+    line = start_line = 1
+
+    def push(chomp: bool) -> None:
+        k = "".join(key[:key_blank_at] if key_blank_at is not None else key)
+        v = value[:value_blank_at] if chomp and value_blank_at is not None else value
+        out.append((start_line, k, "".join(v)))
+
+    for ch in text:
+        if state == "pre_key":
+            if ch in _COMMENT:
+                state = "comment"
+            elif ch not in _SPACE:
+                state, key, value, key_blank_at, start_line = "key", [ch], [], None, line
+        elif state == "key":
+            if ch in _NEWLINE:
+                out.append((start_line, "".join(key), None))
+                state = "pre_key"
+            elif ch == "=":
+                state, value_blank_at = "pre_value", None
+            else:
+                if ch not in _SPACE:
+                    key_blank_at = None
+                elif key_blank_at is None:
+                    key_blank_at = len(key)
+                key.append(ch)
+        elif state == "pre_value":
+            if ch in _NEWLINE:
+                push(chomp=False)
+                state = "pre_key"
+            elif ch == "'":
+                state = "single"
+            elif ch == '"':
+                state = "double"
+            elif ch == "\\":
+                state = "escape"
+            elif ch not in _SPACE:
+                state = "value"
+                value.append(ch)
+        elif state == "value":
+            if ch in _NEWLINE:
+                push(chomp=True)
+                state = "pre_key"
+            elif ch == "\\":
+                state, value_blank_at = "escape", None
+            else:
+                if ch not in _SPACE:
+                    value_blank_at = None
+                elif value_blank_at is None:
+                    value_blank_at = len(value)
+                value.append(ch)
+        elif state == "escape":
+            state = "value"
+            if ch not in _NEWLINE:
+                value.append(ch)
+        elif state == "single":
+            if ch == "'":
+                state = "pre_value"
+            else:
+                value.append(ch)
+        elif state == "double":
+            if ch == '"':
+                state = "pre_value"
+            elif ch == "\\":
+                state = "double_escape"
+            else:
+                value.append(ch)
+        elif state == "double_escape":
+            state = "double"
+            if ch in _SHELL_ESCAPED:
+                value.append(ch)
+            elif ch != "\n":
+                value += ["\\", ch]
+        elif state == "comment":
+            if ch == "\\":
+                state = "comment_escape"
+            elif ch in _NEWLINE:
+                state = "pre_key"
+        else:  # comment_escape
+            state = "comment"
+        if ch == "\n":
+            line += 1
+    if state == "key":
+        out.append((start_line, "".join(key), None))
+    elif state not in ("pre_key", "comment", "comment_escape"):
+        push(chomp=state == "value")
+    return out
 
 
 def _positive(text: str) -> float:

@@ -306,19 +306,33 @@ def test_env_file_reaches_the_child_and_overrides_env(procs, tmp_path):
 
 @pytest.mark.parametrize("content,message", [
     (None, "cannot read env file {path}: No such file or directory"),
-    ("OK=1\nHF_TOKEN hf_secretvalue\n", "{path}:2: not a KEY=VALUE line"),
-    ("1BAD=x\n", "{path}:1: not a KEY=VALUE line"),
+    (b"OK=1\nHF_TOKEN=hf_secretvalue\xff\n", "{path}:2: invalid UTF-8"),
+    (b"OK=1\nHF_TOKEN=hf_secret\0value\n", "{path}: a NUL byte"),
 ])
 def test_bad_env_file_exits_1_naming_it_without_starting_or_echoing(procs, tmp_path, content, message):
+    # The files systemd refuses to start with (tests/systemd/test_env_file_parity.py).
     env_file = tmp_path / "secrets.env"
     if content is not None:
-        env_file.write_text(content)
+        env_file.write_bytes(content)
     lock = tmp_path / "gpu-0.lock"
     launched = launch(procs, tmp_path, "a", "--lock", str(lock), "--env-file", str(env_file))
     assert finish(launched) == 1
     assert message.format(path=env_file) in launched.text(), launched.text()
     assert "hf_secretvalue" not in launched.text()
     assert not launched.events("start") and lock_is_free(lock)
+
+
+def test_env_file_lines_systemd_drops_are_dropped_with_a_warning_naming_the_line(procs, tmp_path):
+    env_file = tmp_path / "secrets.env"
+    env_file.write_text("VFGEN_TEST_A=1\nHF_TOKEN hf_secretvalue\n1BAD=hf_secretvalue\n")
+    launched = launch(procs, tmp_path, "a", "--env-file", str(env_file),
+                      child=("--record-env", "VFGEN_TEST_A", "--record-env", "HF_TOKEN"))
+    until(lambda: launched.events("start"), 10, "the child to start")
+    env = launched.events("start")[0]["env"]
+    assert env["VFGEN_TEST_A"] == "1" and env.get("HF_TOKEN") is None, env
+    assert f"{env_file}:2: not a KEY=VALUE line; ignored" in launched.text()
+    assert f"{env_file}:3: invalid variable name; ignored" in launched.text()
+    assert "hf_secretvalue" not in launched.text()
 
 
 def test_output_lines_carry_the_prefix(procs, tmp_path):
