@@ -12,6 +12,7 @@ from vfgen.config import Deployment
 from vfgen.errors import OutputError
 from vfgen.plan import Plan, build_plan
 from vfgen.render import Artefact, render_all
+from vfgen.tables import table_lines
 
 ONLY_CHOICES = ("all", "backends", "dispatcher")
 
@@ -101,12 +102,12 @@ def plan_table(plan: Plan) -> str:
     rows = [("INSTANCE", "MODEL", "GPU", "PORT", "SHARE", "START", "AFTER")]
     for i in plan.instances:
         rows.append((i.name, i.served_name, ",".join(i.gpus), str(i.port), i.memory_share, str(i.start_order), ",".join(i.after) or "-"))
-    lines = _table(rows)
+    lines = table_lines(rows)
     lines.append("")
     gpu_rows = [("GPU", "INSTANCES", "TOTAL SHARE", "BUDGET")]
     for g in plan.gpus:
         gpu_rows.append((g.gpu, str(len(g.instances)), g.total, f"{plan.deployment.memory_budget:.2f}"))
-    lines += _table(gpu_rows)
+    lines += table_lines(gpu_rows)
     if plan.memory:
         from vfgen.memory import format_bytes
 
@@ -115,7 +116,7 @@ def plan_table(plan: Plan) -> str:
         for f in plan.memory:
             mem_rows.append((f.model, format_bytes(f.gpu_bytes), format_bytes(f.need_bytes), format_bytes(f.min_bytes),
                              f"{f.recommended_share:.2f}", str(f.instances_that_fit)))
-        lines += _table(mem_rows)
+        lines += table_lines(mem_rows)
         lines += [f"  note ({f.model}): {n}" for f in plan.memory for n in f.notes]
     d = plan.deployment
     lines.append("")
@@ -132,7 +133,7 @@ def plan_json(plan: Plan) -> dict:
     return {
         "name": d.name,
         "backend": d.backend,
-        "dispatcher": {"listen": d.listen, "port": d.port} if plan.dispatcher else None,
+        "dispatcher": {"listen": d.listen, "port": d.port, "url": plan.dispatcher_url} if plan.dispatcher else None,
         "route_by_model": plan.route_by_model,
         "memory_budget": d.memory_budget,
         "instances": [
@@ -160,11 +161,6 @@ def plan_json(plan: Plan) -> dict:
     }
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-
-
 def show_plan(d: Deployment, *, as_json: bool, out: TextIO) -> None:
     plan = make_plan(d)
     if as_json:
@@ -181,9 +177,8 @@ def health_targets(plan: Plan):
         Target(name=f"{i.model}/{i.index}", url=i.url, port=i.port, gpus=",".join(i.gpus), expected_model=i.served_name)
         for i in plan.instances
     ]
-    if plan.dispatcher:
-        host = "127.0.0.1" if d.listen in ("0.0.0.0",) else (f"[{d.listen}]" if ":" in d.listen else d.listen)
-        targets.append(Target(name="dispatcher", url=f"http://{host}:{d.port}", port=d.port, kind="dispatcher"))
+    if plan.dispatcher_url:
+        targets.append(Target(name="dispatcher", url=plan.dispatcher_url, port=d.port, kind="dispatcher"))
     return targets
 
 

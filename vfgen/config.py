@@ -19,6 +19,8 @@ from typing import Any, Mapping
 import yaml
 
 from vfgen.errors import ConfigError
+from vfgen.quoting import CONTROL_CHARS as _CONTROL
+from vfgen.quoting import ENV_NAME as _ENV_KEY
 
 # Share of each GPU's memory that vLLM instances may take together. 0.92 is
 # vLLM's own default for one instance; it leaves room for the CUDA context and
@@ -56,11 +58,9 @@ OPTIONAL_VLLM_FLAGS = {
 }
 RESERVED_ENV = {"CUDA_VISIBLE_DEVICES": "cuda-devices / gpus"}
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # YAML "\ud800" escapes make them; no file can be written with one
 _SLUG = re.compile(r"[a-z][a-z0-9-]{0,39}")
-_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")  # a system user name (useradd's default rule)
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
 # No leading '+' (or '-', '@', ':', '!'): as the first word of ExecStart= systemd reads those as prefixes.
@@ -71,7 +71,6 @@ _API_KEY = re.compile(r"[!#%-\[\]-~]+")
 API_KEY_MIN_LENGTH = 16
 API_KEY_MAX_LENGTH = 512
 _NGINX_SIZE = re.compile(r"([0-9]{1,9})([kKmM]?)")
-_DTYPE_ALIASES = {d: d for d in DTYPES}
 
 
 @dataclass(frozen=True)
@@ -536,7 +535,7 @@ class _Validator:
 
     def user(self, name: str, value: Any) -> str:
         text = self.text(name, value)
-        if not _USER.fullmatch(text):
+        if not USER_NAME.fullmatch(text):
             raise self.error(name, value, "is not a valid system user name")
         return text
 

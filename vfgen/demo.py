@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import requests
 
 from vfgen import health
 from vfgen.commands import select_artefacts
-from vfgen.config import parse_deployment
+from vfgen.config import USER_NAME, parse_deployment
 from vfgen.errors import VfgenError
 from vfgen.local import LocalRun, free_port_block
 from vfgen.output import write_tree
@@ -46,7 +45,7 @@ def demo_deployment(workdir: Path) -> dict:
         "port_start": first + 1,
         "backend": "supervisord",
         # supervisord can only switch users as root; `root` renders no user= line.
-        "user": user if re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user) else "root",
+        "user": user if USER_NAME.fullmatch(user) else "root",
         "vfgen_bin": _script("vfgen"),
         "vllm_bin": _script("vfgen-fake-vllm"),
         "lock_dir": str(workdir / "locks"),

@@ -36,6 +36,7 @@ from urllib.parse import urlparse
 import requests
 
 from vfgen.errors import HealthError
+from vfgen.tables import table_lines
 
 PROBE_TIMEOUT_S = 2.0
 WAIT_REPORT_EVERY_S = 5.0
@@ -187,10 +188,7 @@ def _table(probes: list[Probe]) -> str:
             ",".join(p.models) or "-",
             p.detail,
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows
-    )
+    return "\n".join(table_lines(rows))
 
 
 def check(targets: list[Target], timeout: float = PROBE_TIMEOUT_S, as_json: bool = False,

@@ -19,7 +19,7 @@ Usage: python -m vfgen.launch [--lock PATH]... [--after URL]... --health-url URL
        [--] COMMAND...
 
 It wraps every vLLM process for its whole life, so it imports only the standard library,
-vfgen.procfs and the probe from vfgen.health. All its lines go to stderr, prefixed
+vfgen.procfs, vfgen.quoting's name rule and the probe from vfgen.health. All its lines go to stderr, prefixed
 `vfgen-launch[<served name>:<port>]:`.
 """
 
@@ -29,7 +29,6 @@ import argparse
 import ctypes
 import fcntl
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import time
 from urllib.parse import urlparse
 
 from vfgen import procfs
+from vfgen.quoting import ENV_NAME
 from vfgen.health import Target, probe, wait
 
 STOP_GRACE_S = 10.0  # SIGTERM → SIGKILL delay for a child that missed --start-timeout
@@ -95,7 +95,7 @@ def read_env_file(path: str) -> dict[str, str]:
             _warn(f"{path}:{line}: not a KEY=VALUE line; ignored, as systemd ignores it")
         elif _has_invalid_utf8(key) or _has_invalid_utf8(value):
             raise EnvFileError(f"{path}:{line}: invalid UTF-8 (systemd refuses to start with this file)")
-        elif not _ENV_NAME.fullmatch(key):
+        elif not ENV_NAME.fullmatch(key):
             _warn(f"{path}:{line}: invalid variable name; ignored, as systemd ignores it")
         else:
             env.pop(key, None)  # the last assignment of a name wins, as in systemd
@@ -103,7 +103,6 @@ def read_env_file(path: str) -> dict[str, str]:
     return env
 
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SPACE, _NEWLINE, _COMMENT, _SHELL_ESCAPED = " \t\n\r", "\n\r", "#;", '"\\`$'
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vfgen.config import DEFAULT_MEMORY_BUDGET as DEFAULT_BUDGET
 from vfgen.errors import ConfigError
 
 KIB = 1 << 10
@@ -55,15 +56,12 @@ ACTIVATION_FFN_FACTOR = 3
 LOGITS_BYTES = 4
 # vLLM's default when a config declares no context length (its _get_and_verify_max_len).
 DEFAULT_MAX_MODEL_LEN = 2048
-# Share of a GPU that all instances together may claim; the rest is headroom for the
-# driver and per-process CUDA contexts. Same total as vllm-factory's 0.92.
-DEFAULT_BUDGET = 0.92
 NVIDIA_SMI_TIMEOUT = 5.0
 
 DTYPE_BYTES = {
-    "float16": 2, "half": 2, "fp16": 2,
-    "bfloat16": 2, "bf16": 2,
-    "float32": 4, "float": 4, "fp32": 4,
+    "float16": 2, "half": 2,
+    "bfloat16": 2,
+    "float32": 4, "float": 4,
 }
 # Architectures vLLM can only serve as pooling models (embeddings, scores, classes).
 ENCODER_MODEL_TYPES = frozenset({

@@ -84,6 +84,7 @@ class Plan:
     pools: tuple[Pool, ...]
     gpus: tuple[GpuUsage, ...]
     dispatcher: bool  # render nginx at all (not for a single instance on the user port)
+    dispatcher_url: str | None  # where local probes reach nginx (None without a dispatcher)
     route_by_model: bool  # inspect the JSON body for "model" (several models)
     target: str  # systemd target grouping every instance
     nginx_prefix: str  # prefix of nginx variables, which allow only [A-Za-z0-9_]
@@ -150,6 +151,7 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
         pools=pools,
         gpus=_gpu_usage(placements, shares, instances),
         dispatcher=not single,
+        dispatcher_url=None if single else f"http://{_connect_host(d.listen)}:{d.port}",
         route_by_model=len(d.models) > 1,
         target=f"{d.name}.target",
         nginx_prefix="vfgen_" + d.name.replace("-", "_"),

@@ -12,7 +12,9 @@ import json
 import re
 from typing import Iterable
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Shared with config.py and launch.py, so validation and quoting agree on what they refuse.
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class QuotingError(ValueError):
@@ -22,7 +24,7 @@ class QuotingError(ValueError):
 def _refuse_control(value: str, where: str) -> str:
     if not isinstance(value, str):
         value = str(value)
-    if _CONTROL.search(value):
+    if CONTROL_CHARS.search(value):
         raise QuotingError(f"{where}: control character in {value!r}")
     return value
 
@@ -118,7 +120,7 @@ def systemd_exec(argv: Iterable[object]) -> str:
 
 def systemd_env(key: str, value: object) -> str:
     """One quoted KEY=VALUE assignment for Environment= (no `$` expansion there, `%` still expands)."""
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+    if not ENV_NAME.fullmatch(key):
         raise QuotingError(f"environment key {key!r} is not a valid name")
     text = _refuse_control(str(value), "systemd environment")
     text = text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")

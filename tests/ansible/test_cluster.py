@@ -38,6 +38,7 @@ from tests.ansible.harness import (
     use_local_apt_repo,
 )
 from tests.harness.nspawn import Container, booted_container
+from tests.harness.waiting import wait_until
 
 pytestmark = pytest.mark.ansible
 
@@ -190,12 +191,10 @@ def refused(address: str, port: int) -> bool:
 
 
 def poll(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    try:
+        return bool(wait_until(predicate, timeout, interval=0.05))
+    except TimeoutError:
+        return False
 
 
 def test_killing_one_gpu_hosts_instances_loses_no_request(cluster: Cluster) -> None:

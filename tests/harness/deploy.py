@@ -38,6 +38,7 @@ import yaml
 
 from tests.harness.procs import ProcessGroup
 from tests.harness.tools import require_tool
+from tests.harness.waiting import wait_until  # noqa: F401  (re-exported for the tiers)
 from vfgen.local import free_port_block
 
 START_TIMEOUT = 45.0  # all stand-ins up and nginx /health 200
@@ -464,18 +465,6 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
-    """Poll `predicate` until it returns something truthy; bounded by `timeout` seconds."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise TimeoutError(f"{what} not reached after {timeout}s")
-        time.sleep(interval)
 
 
 def stand_in_args(latency: float = 0.0, chunks: int | None = None, chunk_interval: float | None = None) -> list[str]:

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from tests.harness.nspawn import REPO_FOR_SERVICES, Container, python_env_binds
 from tests.harness.tools import missing
+from tests.harness.waiting import wait_until
 
 T = TypeVar("T")
 
@@ -230,13 +231,10 @@ class SystemdDeployment:
         return self.container.run(["journalctl", "--no-pager", "-o", "cat", "-u", unit], check=False).stdout
 
     def wait_until(self, predicate: Callable[[], T], timeout: float, what: str) -> T:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.2)
-        raise DeploymentError(f"timed out after {timeout}s waiting for {what}\n{self.diagnostics()}")
+        try:
+            return wait_until(predicate, timeout, interval=0.2, what=what)
+        except TimeoutError as exc:
+            raise DeploymentError(f"{exc}\n{self.diagnostics()}") from None
 
     def diagnostics(self) -> str:
         status = self.container.systemctl("status", "--no-pager", "--lines=0", self.target, *self.units, check=False).stdout

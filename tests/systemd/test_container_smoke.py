@@ -14,6 +14,7 @@ import pytest
 from tests.harness import nspawn
 from tests.harness.nspawn import Container, ContainerBootError, booted_container, leftovers, python_env_binds
 from tests.harness.procs import free_port
+from tests.harness.waiting import wait_until
 
 pytestmark = pytest.mark.systemd
 
@@ -31,13 +32,7 @@ RestartSec=100ms
 
 def wait_for(predicate, timeout: float, what: str):
     """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+    return wait_until(predicate, timeout, interval=0.05, what=what)
 
 
 def curl_ok(container: Container, port: int) -> bool:

@@ -19,6 +19,7 @@ import pytest
 
 from tests.harness.procs import free_port
 from tests.harness.stub_http import StubServer, read_records
+from tests.harness.waiting import wait_until
 from vfgen.health import Probe, Target, pid_alive, probe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,13 +59,7 @@ def launch(procs, tmp_path: Path, tag: str, *options: str, child: tuple[str, ...
 
 def until(condition, timeout: float, what: str):
     """Poll `condition` (bounded); return its first truthy value or fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+    return wait_until(condition, timeout, interval=0.05, what=what)
 
 
 def lock_is_free(path: Path) -> bool:

@@ -143,3 +143,19 @@ def test_instance_env_secrets_warn_too_and_env_file_alone_does_not():
     assert any("HF_TOKEN" in w for w in plan.warnings)
     plan = plan_of(models=[{"model": "m", "instances": 2, "env_file": "/etc/vfgen/secrets.env"}])
     assert not plan.warnings and {i.env_file for i in plan.instances} == {"/etc/vfgen/secrets.env"}
+
+
+@pytest.mark.parametrize("listen,url", [
+    ("127.0.0.1", "http://127.0.0.1:8000"),
+    ("0.0.0.0", "http://127.0.0.1:8000"),
+    ("::", "http://[::1]:8000"),
+    ("::1", "http://[::1]:8000"),
+    ("fd00::5", "http://[fd00::5]:8000"),
+])
+def test_health_check_reaches_the_dispatcher_where_the_plan_says(listen, url):
+    # One connect-host rule for instances and the dispatcher: `vfgen health check` once probed [::].
+    from vfgen.commands import health_targets, plan_json
+
+    plan = plan_of(listen=listen, models=[{"model": "m", "instances": 2}])
+    (dispatcher,) = [t for t in health_targets(plan) if t.kind == "dispatcher"]
+    assert dispatcher.url == plan.dispatcher_url == url == plan_json(plan)["dispatcher"]["url"]
