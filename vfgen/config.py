@@ -19,13 +19,11 @@ from typing import Any, Mapping
 import yaml
 
 from vfgen.errors import ConfigError
+from vfgen.memory import DEFAULT_BUDGET as DEFAULT_MEMORY_BUDGET
+from vfgen.memory import parse_size
 from vfgen.quoting import CONTROL_CHARS as _CONTROL
 from vfgen.quoting import ENV_NAME as _ENV_KEY
 
-# Share of each GPU's memory that vLLM instances may take together. 0.92 is
-# vLLM's own default for one instance; it leaves room for the CUDA context and
-# the driver on every GPU.
-DEFAULT_MEMORY_BUDGET = 0.92
 # Below 5% of a GPU an instance cannot hold even a small encoder plus its
 # activations on a 24 GB card; fail instead of starting processes that OOM.
 DEFAULT_MIN_SHARE = 0.05
@@ -572,7 +570,6 @@ class _Validator:
         return text.lower()
 
     def size(self, name: str, value: Any) -> int:
-        from vfgen.memory import parse_size
 
         try:
             return parse_size(self.text(name, value))

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vfgen.config import DEFAULT_MEMORY_BUDGET as DEFAULT_BUDGET
 from vfgen.errors import ConfigError
 
 KIB = 1 << 10
@@ -56,6 +55,10 @@ ACTIVATION_FFN_FACTOR = 3
 LOGITS_BYTES = 4
 # vLLM's default when a config declares no context length (its _get_and_verify_max_len).
 DEFAULT_MAX_MODEL_LEN = 2048
+# Share of a GPU that all instances together may claim; the rest is headroom for the
+# driver and per-process CUDA contexts. 0.92 is vLLM's own default for one instance.
+# config.py takes its default budget from here.
+DEFAULT_BUDGET = 0.92
 NVIDIA_SMI_TIMEOUT = 5.0
 
 DTYPE_BYTES = {

@@ -25,6 +25,7 @@ class Instance:
     gpus: tuple[str, ...]
     memory_share: str  # formatted for --gpu-memory-utilization
     start_order: int  # instances with the same number start in parallel
+    supervisor_priority: int  # supervisord starts lower numbers first: after every vfgen default (100)
     after: tuple[str, ...]  # instances (names) on the same GPUs that start before this one
     after_urls: tuple[str, ...]
     locks: tuple[str, ...]
@@ -88,6 +89,7 @@ class Plan:
     route_by_model: bool  # inspect the JSON body for "model" (several models)
     target: str  # systemd target grouping every instance
     nginx_prefix: str  # prefix of nginx variables, which allow only [A-Za-z0-9_]
+    stop_timeout: int  # TimeoutStopSec / stopwaitsecs: vLLM's drain time plus a margin to exit
     memory: tuple[MemoryFit, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -128,7 +130,8 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
             port=ports[n],
             gpus=gpus,
             memory_share=f"{shares[n]:.2f}",
-            start_order=1 + max((b.start_order for _, b in before), default=0),
+            start_order=(order := 1 + max((b.start_order for _, b in before), default=0)),
+            supervisor_priority=100 + order,
             after=tuple(name for name, _ in before),
             after_urls=tuple(b.url for _, b in before),
             locks=tuple(f"{d.lock_dir}/gpu-{g}.lock" for g in sorted(gpus, key=int)),
@@ -155,6 +158,7 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
         route_by_model=len(d.models) > 1,
         target=f"{d.name}.target",
         nginx_prefix="vfgen_" + d.name.replace("-", "_"),
+        stop_timeout=d.timeouts.shutdown + 15,
         memory=memory,
         warnings=warnings,
     )

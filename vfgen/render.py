@@ -251,19 +251,19 @@ def render_unit(plan: Plan, inst: Instance) -> str:
         inst=inst,
         exec_start=launch_argv(plan, inst, supervisord=False),
         exec_start_post=[d.vfgen_bin, "health", "wait", inst.url, "--model", inst.served_name, "--timeout", str(inst.start_timeout)],
-        stop_timeout=d.timeouts.shutdown + 15,
+        stop_timeout=plan.stop_timeout,
         lock_runtime_dir=lock_runtime_dir,
     )
 
 
 def render_supervisord(plan: Plan) -> str:
     programs = [
-        {"inst": inst, "command": launch_argv(plan, inst, supervisord=True), "priority": 100 + inst.start_order}
+        {"inst": inst, "command": launch_argv(plan, inst, supervisord=True), "priority": inst.supervisor_priority}
         for inst in plan.instances
     ]
     return render_template(
         "supervisord/deployment.conf.j2", d=plan.deployment, plan=plan, programs=programs,
-        stop_timeout=plan.deployment.timeouts.shutdown + 15,
+        stop_timeout=plan.stop_timeout,
     )
 
 
