@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 health_app = typer.Typer(help="Probe instances and the dispatcher; wait for health.", no_args_is_help=True)
 app.add_typer(health_app, name="health")
+lora_app = typer.Typer(help="Load or unload a LoRA adapter on every instance of a model (runtime changes).", no_args_is_help=True)
+app.add_typer(lora_app, name="lora")
 
 _state = {"verbose": False}
 
@@ -101,6 +103,12 @@ _DEPLOYMENT_PARAMS = [
     ("rate_limit", Optional[str], _OPTS(None, help="Requests per client address, e.g. 20r/s or 600r/m; past it 429. [default: none]")),
     ("rate_limit_burst", Optional[int], _OPTS(None, help="Requests over --rate-limit a client may send at once. [default: one second's worth]")),
     ("nginx_dir", Optional[str], _OPTS(None, help="nginx's directory on the dispatcher host; the keys map is included from there. [default: /etc/nginx]")),
+    ("lora_module", Optional[List[str]], _OPTS(None, "--lora-module", help="NAME=PATH of a LoRA adapter every instance serves; NAME routes to the model (repeatable).")),
+    ("enable_lora", bool, _OPTS(False, "--enable-lora", help="vLLM --enable-lora without adapters at start (implied by --lora-module).")),
+    ("max_lora_rank", Optional[int], _OPTS(None, help="vLLM --max-lora-rank: the largest adapter rank. [default: vLLM's, 16]")),
+    ("max_loras", Optional[int], _OPTS(None, help="vLLM --max-loras: adapters in one batch (GPU slots). [default: vLLM's, 1]")),
+    ("max_cpu_loras", Optional[int], _OPTS(None, help="vLLM --max-cpu-loras: adapters cached in CPU memory. [default: --max-loras]")),
+    ("allow_runtime_lora_updating", bool, _OPTS(False, "--allow-runtime-lora-updating", help="Let `vfgen lora load/unload` change adapters on the (loopback-only) instances; nginx still refuses those calls.")),
 ]
 _GLOBAL_OPTIONS = {
     "name": "name", "port": "port", "port_start": "port_start", "host": "host", "listen": "listen",
@@ -110,14 +118,18 @@ _GLOBAL_OPTIONS = {
     "api_key_file": "api_key_file", "tls_certificate": "tls_certificate", "tls_certificate_key": "tls_certificate_key",
     "rate_limit": "rate_limit", "rate_limit_burst": "rate_limit_burst", "nginx_dir": "nginx_dir",
 }
+_GLOBAL_FLAGS = {"allow_runtime_lora_updating": "allow_runtime_lora_updating"}
 _TIMEOUT_OPTIONS = {"start_timeout": "start", "shutdown_timeout": "shutdown", "read_timeout": "read", "fail_timeout": "fail"}
 _MODEL_OPTIONS = {
     "instances": "instances", "max_batch_size": "max_batch_size", "gpu_memory_utilization": "gpu_memory_utilization",
     "cuda_devices": "gpus", "tensor_parallel_size": "tensor_parallel_size", "dtype": "dtype",
     "io_processor_plugin": "io_processor_plugin", "max_model_len": "max_model_len",
     "served_model_name": "served_model_name", "vllm_args": "extra_args", "env_file": "env_file",
+    "lora_module": "lora_modules", "max_lora_rank": "max_lora_rank", "max_loras": "max_loras",
+    "max_cpu_loras": "max_cpu_loras",
 }
-_MODEL_FLAGS = {"enable_request_affinity": "enable_request_affinity", "enforce_eager": "enforce_eager"}
+_MODEL_FLAGS = {"enable_request_affinity": "enable_request_affinity", "enforce_eager": "enforce_eager",
+                "enable_lora": "enable_lora"}
 
 
 def load_deployment(opts: dict[str, Any]):
@@ -127,6 +139,7 @@ def load_deployment(opts: dict[str, Any]):
     opts = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()}
     opts = {k: (None if v == [] else v) for k, v in opts.items()}
     overrides: dict[str, Any] = {k2: opts[k] for k, k2 in _GLOBAL_OPTIONS.items() if opts[k] is not None}
+    overrides.update({k2: True for k, k2 in _GLOBAL_FLAGS.items() if opts[k]})
     timeouts = {k2: opts[k] for k, k2 in _TIMEOUT_OPTIONS.items() if opts[k] is not None}
     model_opts = {k2: opts[k] for k, k2 in _MODEL_OPTIONS.items() if opts[k] is not None}
     model_opts.update({k2: True for k, k2 in _MODEL_FLAGS.items() if opts[k]})
@@ -158,6 +171,9 @@ def deployment_command(fn=None, *, optional: bool = False):
         return functools.partial(deployment_command, optional=optional)
     own = [p for name, p in inspect.signature(fn).parameters.items() if name != "deployment"]
     params = [_P(name, _P.KEYWORD_ONLY, default=default, annotation=annot) for name, annot, default in _DEPLOYMENT_PARAMS]
+    # The command's own arguments come before MODEL and [-- VLLM_ARGS...] (`vfgen lora load NAME PATH -f FILE`).
+    own_args = [p for p in own if isinstance(p.default, typer.models.ArgumentInfo)]
+    own = [p for p in own if p not in own_args]
 
     @functools.wraps(fn)
     def wrapper(**kwargs):
@@ -169,7 +185,8 @@ def deployment_command(fn=None, *, optional: bool = False):
         except VfgenError as exc:
             _fail(exc)
 
-    wrapper.__signature__ = inspect.Signature(params + [p.replace(kind=_P.KEYWORD_ONLY) for p in own])
+    wrapper.__signature__ = inspect.Signature([p.replace(kind=_P.KEYWORD_ONLY) for p in own_args] + params
+                                              + [p.replace(kind=_P.KEYWORD_ONLY) for p in own])
     return wrapper
 
 
@@ -278,6 +295,44 @@ def rollout(
     from vfgen import commands
 
     raise typer.Exit(commands.rollout(deployment, timeout=timeout, supervisorctl=supervisorctl, systemctl=systemctl))
+
+
+@lora_app.command("load")
+@deployment_command
+def lora_load(
+    deployment,
+    adapter_name: str = typer.Argument(..., metavar="NAME", help="Adapter name clients will send as \"model\"."),
+    adapter_path: str = typer.Argument(..., metavar="PATH", help="Absolute adapter directory on the instances' host, or a Hugging Face id."),
+    lora_model: Optional[str] = typer.Option(None, "--model", help="Model key or served name. [default: the only model serving LoRA]"),
+    timeout: float = typer.Option(60.0, help="Seconds each instance may take to load the adapter."),
+) -> None:
+    """Load adapter NAME from PATH on every instance of a model; report which instances failed.
+
+    Needs allow_runtime_lora_updating in the deployment (same arguments as render):
+
+      vfgen lora load support-bot /srv/adapters/support-bot -f deploy.yaml
+    """
+    from vfgen import lora
+    from vfgen.plan import build_plan
+
+    raise typer.Exit(lora.change(build_plan(deployment), "load", adapter_name, adapter_path, model=lora_model,
+                                 timeout=timeout, out=sys.stdout, err=sys.stderr))
+
+
+@lora_app.command("unload")
+@deployment_command
+def lora_unload(
+    deployment,
+    adapter_name: str = typer.Argument(..., metavar="NAME", help="Adapter to unload."),
+    lora_model: Optional[str] = typer.Option(None, "--model", help="Model key or served name. [default: the only model serving LoRA]"),
+    timeout: float = typer.Option(60.0, help="Seconds each instance may take."),
+) -> None:
+    """Unload adapter NAME from every instance of a model; report which instances failed."""
+    from vfgen import lora
+    from vfgen.plan import build_plan
+
+    raise typer.Exit(lora.change(build_plan(deployment), "unload", adapter_name, None, model=lora_model,
+                                 timeout=timeout, out=sys.stdout, err=sys.stderr))
 
 
 @app.command()

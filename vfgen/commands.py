@@ -119,6 +119,11 @@ def plan_table(plan: Plan) -> str:
         lines += table_lines(mem_rows)
         lines += [f"  note ({f.model}): {n}" for f in plan.memory for n in f.notes]
     d = plan.deployment
+    for pool in plan.pools:
+        if pool.adapters:
+            lines.append("")
+            lines.append(f"LoRA adapters of {pool.model} (routed to its {len(pool.servers)} backend(s), served by every instance):")
+            lines += [f"  {a.name}  parent={a.parent}  root={a.path}" for a in pool.adapters]
     lines.append("")
     if plan.dispatcher:
         lines.append(f"dispatcher: nginx on {d.listen}:{d.port} -> {sum(len(p.servers) for p in plan.pools)} backend(s)"
@@ -155,7 +160,9 @@ def plan_json(plan: Plan) -> dict:
         ],
         "warnings": list(plan.warnings),
         "pools": [
-            {"model": p.model, "upstream": p.upstream, "servers": list(p.servers), "cap": p.cap, "served_names": list(p.served_names)}
+            {"model": p.model, "upstream": p.upstream, "servers": list(p.servers), "cap": p.cap, "served_names": list(p.served_names),
+             "adapters": [{"name": a.name, "root": a.path, "parent": a.parent} for a in p.adapters],
+             "route_names": list(p.route_names)}
             for p in plan.pools
         ],
     }

@@ -45,6 +45,14 @@ MANAGED_VLLM_FLAGS = {
     "--tensor-parallel-size": "tensor-parallel-size",
     "-tp": "tensor-parallel-size",
     "--shutdown-timeout": "shutdown-timeout",
+    # LoRA: every instance of a model must serve the same adapters, and nginx routes
+    # their names, so vfgen owns these flags (from lora_modules / max_lora_rank ...).
+    "--enable-lora": "lora-modules",
+    "--no-enable-lora": "lora-modules",
+    "--lora-modules": "lora-modules",
+    "--max-lora-rank": "max-lora-rank",
+    "--max-loras": "max-loras",
+    "--max-cpu-loras": "max-cpu-loras",
 }
 # vLLM flags vfgen emits only when their setting is given: as extra args too they would
 # appear twice, and which one wins is up to vLLM's parser.
@@ -54,7 +62,23 @@ OPTIONAL_VLLM_FLAGS = {
     "--enforce-eager": "enforce_eager",
     "--io-processor-plugin": "io_processor_plugin",
 }
-RESERVED_ENV = {"CUDA_VISIBLE_DEVICES": "cuda-devices / gpus"}
+RESERVED_ENV = {
+    "CUDA_VISIBLE_DEVICES": "cuda-devices / gpus",
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "allow_runtime_lora_updating",
+}
+# vLLM 0.32 accepts only these --max-lora-rank values (vllm/config/lora.py MaxLoRARanks).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+DEFAULT_MAX_LORA_RANK = 16  # vLLM's defaults when the flags are not given
+DEFAULT_MAX_LORAS = 1
+# A Hugging Face repository id (vLLM downloads an adapter that is not a local path).
+_HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9._-]{1,96}")
+# Module names vLLM's implementation of these model types accepts in an adapter
+# (their linear layers before vLLM packs q/k/v and gate/up, plus the embeddings).
+_LORA_TARGETS = {
+    t: frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                  "embed_tokens", "lm_head"})
+    for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+}
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # YAML "\ud800" escapes make them; no file can be written with one
 _SLUG = re.compile(r"[a-z][a-z0-9-]{0,39}")
@@ -81,6 +105,22 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class LoraModule:
+    """One LoRA adapter every instance of its model serves (vLLM --lora-modules)."""
+
+    name: str
+    path: str  # absolute local directory, or a Hugging Face repository id
+    base_model_name: str | None = None  # a served name of the model: its `parent` in /v1/models
+    rank: int | None = None  # from adapter_config.json when the path is local
+    target_modules: tuple[str, ...] | None = None
+    weight_bytes: int | None = None  # size of the adapter's weight files, when local
+
+    @property
+    def local(self) -> bool:
+        return self.path.startswith("/")
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     key: str
     source: str
@@ -100,6 +140,15 @@ class ModelSpec:
     instance_env: tuple[tuple[tuple[str, str], ...], ...] = ()
     # KEY=VALUE file for secrets (HF_TOKEN...): read at start, never copied into units or argv.
     env_file: str | None = None
+    enable_lora: bool = False  # true with lora_modules; alone, for adapters loaded at runtime
+    lora_modules: tuple[LoraModule, ...] = ()
+    max_lora_rank: int | None = None  # None: vLLM's default (16)
+    max_loras: int | None = None  # None: vLLM's default (1)
+    max_cpu_loras: int | None = None  # None: vLLM's default (max_loras)
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.lora_modules)
 
 
 @dataclass(frozen=True)
@@ -131,6 +180,9 @@ class Deployment:
     tls_certificate_key: str | None = None
     rate_limit: str | None = None  # per client address, nginx syntax: 20r/s or 600r/m
     rate_limit_burst: int = 0
+    # Instances of LoRA models get VLLM_ALLOW_RUNTIME_LORA_UPDATING: `vfgen lora load`
+    # then changes every instance; nginx still refuses the endpoints (docs/lora.md).
+    allow_runtime_lora_updating: bool = False
     source: str | None = None
 
     @property
@@ -206,6 +258,7 @@ def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deplo
         log_dir=v.safe_path("log_dir", data.get("log_dir", "/var/log/supervisor")),
         default_model=None if default_model is None else v.served_name("default_model", default_model),
         gpu_memory_bytes=None if data.get("gpu_memory") is None else v.size("gpu_memory", data["gpu_memory"]),
+        allow_runtime_lora_updating=v.boolean("allow_runtime_lora_updating", data.get("allow_runtime_lora_updating", False)),
         source=source,
         **_edge(v, data),
     )
@@ -213,6 +266,7 @@ def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deplo
         raise v.error("default_model", default_model, f"is not a served name (served: {', '.join(deployment.all_served_names)})")
     _check_single_host(v, deployment)
     _check_edge(v, deployment)
+    _check_runtime_lora(v, deployment)
     return deployment
 
 
@@ -269,6 +323,22 @@ def _check_edge(v: "_Validator", d: Deployment) -> None:
             f"backends on a non-loopback address could be reached around nginx, bypassing {', '.join(v.label(f) for f in features)}; "
             "keep them on 127.0.0.1 (or use upstream_hosts with a firewall, see docs/security.md)",
         )
+
+
+def _check_runtime_lora(v: "_Validator", d: Deployment) -> None:
+    """Runtime adapter loading is for the operator on the host: instances reachable from loopback only."""
+    if not d.allow_runtime_lora_updating:
+        return
+    if not any(m.enable_lora for m in d.models):
+        raise v.error("allow_runtime_lora_updating", True, "no model serves LoRA adapters; give a model "
+                      f"{v.label('lora_modules')} or {v.label('enable_lora')}")
+    if d.upstream_hosts:
+        raise v.error("allow_runtime_lora_updating", True, "backends on other hosts (upstream_hosts) would accept "
+                      "adapter loads from the network; runtime loading needs the backends on this host's loopback")
+    address, field_name = (d.listen, "listen") if d.single_instance else (d.host, "host")
+    if not _is_loopback(address):
+        raise v.error(field_name, address, "with allow_runtime_lora_updating every client that reaches an instance "
+                      "could load or unload adapters on it; keep the instances on 127.0.0.1")
 
 
 def _is_loopback(host: str) -> bool:
@@ -337,13 +407,16 @@ _GLOBAL_KEYS = {
     "vllm_bin", "vfgen_bin", "memory_budget", "min_memory_share", "max_body_size", "max_queue",
     "timeouts", "lock_dir", "log_dir", "default_model", "gpu_memory",
     "nginx_dir", "api_key_file", "tls_certificate", "tls_certificate_key", "rate_limit", "rate_limit_burst",
+    "allow_runtime_lora_updating",
 }
 _TIMEOUT_KEYS = {"start", "shutdown", "read", "connect", "fail"}
 _MODEL_KEYS = {
     "model", "name", "served_model_name", "aliases", "instances", "gpus", "tensor_parallel_size",
     "gpu_memory_utilization", "max_batch_size", "max_model_len", "dtype", "enforce_eager",
     "io_processor_plugin", "enable_request_affinity", "extra_args", "env", "instance_env", "env_file",
+    "enable_lora", "lora_modules", "max_lora_rank", "max_loras", "max_cpu_loras",
 }
+_LORA_KEYS = {"name", "path", "base_model_name"}
 
 
 def _parse_model(v: "_Validator", raw: Any, index: int) -> ModelSpec:
@@ -402,6 +475,7 @@ def _parse_model(v: "_Validator", raw: Any, index: int) -> ModelSpec:
         env=env,
         instance_env=instance_env,
         env_file=None if data.get("env_file") is None else v.safe_path(f"{p}env_file", data["env_file"]),
+        **_lora_settings(v, data, p, names, source),
     )
     for arg in spec.extra_args:
         setting = OPTIONAL_VLLM_FLAGS.get(arg.split("=", 1)[0])
@@ -409,6 +483,150 @@ def _parse_model(v: "_Validator", raw: Any, index: int) -> ModelSpec:
             raise v.error(f"{p}extra_args", arg, f"{arg.split('=', 1)[0]} is already set by the "
                           f"`{setting.replace('_', '-')}` setting; give it once")
     return spec
+
+
+def _lora_settings(v: "_Validator", data: Mapping[str, Any], p: str, names: tuple[str, ...], source: str) -> dict[str, Any]:
+    """lora_modules and the LoRA limits of one model, each adapter checked against its files."""
+    raw = data.get("lora_modules") or []
+    if not isinstance(raw, list):
+        raise v.error(f"{p}lora_modules", raw, "must be a list of {name, path} mappings (or NAME=PATH strings)")
+    rank = None if data.get("max_lora_rank") is None else v.integer(f"{p}max_lora_rank", data["max_lora_rank"], 1, 512)
+    if rank is not None and rank not in LORA_RANKS:
+        raise v.error(f"{p}max_lora_rank", rank, f"vLLM accepts only {', '.join(map(str, LORA_RANKS))}")
+    loras = None if data.get("max_loras") is None else v.integer(f"{p}max_loras", data["max_loras"], 1, 1024)
+    cpu = None if data.get("max_cpu_loras") is None else v.integer(f"{p}max_cpu_loras", data["max_cpu_loras"], 1, 100000)
+    if cpu is not None and cpu < (loras or DEFAULT_MAX_LORAS):
+        raise v.error(f"{p}max_cpu_loras", cpu, f"must be at least max_loras ({loras or DEFAULT_MAX_LORAS}): "
+                      "vLLM keeps every adapter of a batch in its CPU cache too")
+    enable = v.boolean(f"{p}enable_lora", data.get("enable_lora", bool(raw)))
+    if raw and not enable:
+        raise v.error(f"{p}enable_lora", False, f"{v.label(f'{p}lora_modules')} needs LoRA enabled; remove one of them")
+    if not enable:
+        for key, value in (("max_lora_rank", rank), ("max_loras", loras), ("max_cpu_loras", cpu)):
+            if value is not None:
+                raise v.error(f"{p}{key}", value, f"needs {v.label(f'{p}lora_modules')} or {v.label(f'{p}enable_lora')}")
+    base_targets = _lora_targets_of(source)
+    modules = []
+    for i, item in enumerate(raw):
+        where = f"{p}lora_modules[{i}]" if v.source is not None else "lora_modules"
+        modules.append(_lora_module(v, item, where, names, rank or DEFAULT_MAX_LORA_RANK, base_targets))
+    return {"enable_lora": enable, "lora_modules": tuple(modules), "max_lora_rank": rank,
+            "max_loras": loras, "max_cpu_loras": cpu}
+
+
+def _lora_module(v: "_Validator", item: Any, where: str, served: tuple[str, ...], max_rank: int,
+                 base_targets: tuple[str, frozenset[str]] | None) -> LoraModule:
+    sub = (lambda key: f"{where}.{key}") if v.source is not None else (lambda key: where)
+    if isinstance(item, str):  # NAME=PATH, as on the CLI and in vLLM's own flag
+        if "=" not in item:
+            raise v.error(where, item, "must be NAME=PATH")
+        name, path = item.split("=", 1)
+        item = {"name": name, "path": path}
+    data = v.normalise(item, f"{where}.", _LORA_KEYS)
+    for key in ("name", "path"):
+        if key not in data:
+            raise v.error(sub(key), None, "is required")
+    name = v.served_name(sub("name"), data["name"])
+    path = _lora_path(v, sub("path"), data["path"])
+    base = data.get("base_model_name")
+    if base is not None and base not in served:
+        raise v.error(sub("base_model_name"), base, f"must be a served name of this model ({', '.join(served)}); "
+                      "vLLM would silently list another parent")
+    module = LoraModule(name=name, path=path, base_model_name=base)
+    if module.local:
+        module = _read_adapter(v, sub("path"), module)
+        _check_adapter_fits(v, sub("path"), module, max_rank, base_targets)
+    return module
+
+
+def _check_adapter_fits(v: "_Validator", field_name: str, module: LoraModule, max_rank: int,
+                        base_targets: tuple[str, frozenset[str]] | None) -> None:
+    """vLLM refuses (at start, or at load) an adapter above max_lora_rank or targeting unknown modules."""
+    if module.rank is not None and module.rank > max_rank:
+        fitting = min((r for r in LORA_RANKS if r >= module.rank), default=None)
+        raise v.error(field_name, module.path, f"adapter rank r={module.rank} is above max_lora_rank={max_rank}; vLLM refuses "
+                      "to load it" + (f" (set max_lora_rank to at least {fitting})" if fitting else " (vLLM's limit is 512)"))
+    if base_targets is not None and module.target_modules:
+        model_type, known = base_targets
+        unknown = [t for t in module.target_modules if t.rsplit(".", 1)[-1] not in known]
+        if unknown:
+            raise v.error(field_name, module.path, f"targets {', '.join(unknown)}, which a {model_type} model does not have "
+                          f"(it has {', '.join(sorted(known))}); vLLM refuses to load it")
+
+
+def runtime_adapter(d: Deployment, model: ModelSpec, name: str, path: str | None) -> LoraModule:
+    """An adapter for `vfgen lora load NAME PATH` (path None: unload), checked like lora_modules."""
+    v = _Validator("")  # labels as written (NAME, PATH: the command's arguments), no file prefix
+    adapter_name = v.served_name("NAME", name)
+    declared = {a.name: m.key for m in d.models for a in m.lora_modules}
+    if adapter_name in d.all_served_names:
+        raise ConfigError("NAME", name, "is a served name or alias; an adapter needs a name of its own")
+    if adapter_name in declared:
+        raise ConfigError("NAME", name, f"is declared in lora_modules of model {declared[adapter_name]!r}: every "
+                          "instance loads it at start; change it there and re-render instead")
+    if path is None:
+        return LoraModule(name=adapter_name, path="")
+    module = LoraModule(name=adapter_name, path=_lora_path(v, "PATH", path))
+    if not module.local:
+        return module
+    module = _read_adapter(v, "PATH", module)
+    max_rank = model.max_lora_rank or DEFAULT_MAX_LORA_RANK
+    _check_adapter_fits(v, "PATH", module, max_rank, _lora_targets_of(model.source))
+    return module
+
+
+def _lora_path(v: "_Validator", name: str, value: Any) -> str:
+    text = v.text(name, value)
+    if text.startswith("/"):
+        return v.safe_path(name, text)
+    if text.startswith((".", "~")) or os.path.exists(text):
+        raise v.error(name, value, "is a relative path; give the absolute path (instances start in another directory)")
+    if not _HF_REPO.fullmatch(text):
+        raise v.error(name, value, "must be an absolute local path or a Hugging Face repository id (org/name)")
+    return text
+
+
+def _read_adapter(v: "_Validator", name: str, module: LoraModule) -> LoraModule:
+    """Rank, target modules and weight size from a local adapter directory (PEFT format)."""
+    import json
+
+    directory = Path(module.path)
+    if not directory.is_dir():
+        raise v.error(name, module.path, "does not exist or is not a directory")
+    config_path = directory / "adapter_config.json"
+    if not config_path.is_file():
+        raise v.error(name, module.path, "holds no adapter_config.json (not a PEFT LoRA adapter directory)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise v.error(name, module.path, f"adapter_config.json is unreadable or not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise v.error(name, module.path, "adapter_config.json must hold a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise v.error(name, module.path, f"adapter_config.json has peft_type {config['peft_type']!r}; vLLM serves LORA adapters")
+    rank = config.get("r")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise v.error(name, module.path, f"adapter_config.json has r={rank!r}; it must be a positive integer")
+    targets = config.get("target_modules")
+    # A string is a PEFT regex or "all-linear": nothing to compare module by module.
+    target_modules = tuple(str(t) for t in targets) if isinstance(targets, list) else None
+    weights = [f for f in sorted(directory.iterdir()) if f.name.startswith("adapter_model.") and f.is_file()]
+    return LoraModule(name=module.name, path=module.path, base_model_name=module.base_model_name, rank=rank,
+                      target_modules=target_modules,
+                      weight_bytes=sum(f.stat().st_size for f in weights) if weights else None)
+
+
+def _lora_targets_of(source: str) -> tuple[str, frozenset[str]] | None:
+    """(model_type, module names) when the base model's config.json is local and its type is known."""
+    import json
+
+    try:
+        config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # not local (or not readable): the memory estimate reports unusable configs
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    known = _LORA_TARGETS.get(model_type) if isinstance(model_type, str) else None
+    return (model_type, known) if known else None
 
 
 def _printable(text: str) -> str:
@@ -426,15 +644,26 @@ def _derive_key(source: str) -> str:
 
 def _check_unique(v: "_Validator", models: tuple[ModelSpec, ...]) -> None:
     keys: dict[str, int] = {}
-    names: dict[str, int] = {}
+    names: dict[str, str] = {}  # served name or adapter name -> where it was defined
     for i, m in enumerate(models):
         if m.key in keys:
             raise v.error(f"models[{i}].name", m.key, f"same unit name as models[{keys[m.key]}]; set a distinct `name`")
         keys[m.key] = i
         for n in m.served_names:
             if n in names:
-                raise v.error(f"models[{i}].served_model_name", n, f"already served by models[{names[n]}]")
-            names[n] = i
+                raise v.error(f"models[{i}].served_model_name", n, f"already served by {names[n]}")
+            names[n] = f"models[{i}]"
+    # Adapters after every served name: vLLM refuses an adapter named like a base model,
+    # and nginx routes each name to exactly one pool.
+    for i, m in enumerate(models):
+        for j, a in enumerate(m.lora_modules):
+            field_name = f"models[{i}].lora_modules[{j}].name" if v.source is not None else "lora_modules"
+            if a.name in names:
+                owner = names[a.name]
+                what = f"the adapter {v.label(owner)}" if "lora_modules" in owner else \
+                    f"a served name or alias of {owner}" if v.source is not None else "a served name"
+                raise v.error(field_name, a.name, f"already used by {what}; adapter names must be unique among every name nginx routes")
+            names[a.name] = f"models[{i}].lora_modules[{j}]" if v.source is not None else "lora_modules"
 
 
 # Fields whose CLI spelling is not simply `--field-name`.
@@ -449,6 +678,7 @@ _CLI_LABELS = {
     "timeouts.fail": "--fail-timeout",
     "upstream_hosts": "--upstream-host",
     "instance_env": "--instance-env",
+    "lora_modules": "--lora-module",
 }
 
 

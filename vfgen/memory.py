@@ -576,3 +576,43 @@ def _encoder_extras(cfg: dict, arch: _Arch) -> int:
         params += h * h + h  # pooler
     return params
 
+
+
+# --- LoRA ------------------------------------------------------------------------------
+# vLLM allocates LoRA memory when it loads the model, whatever adapters it then serves:
+# every LoRA-capable layer gets `max_loras` slots of rank `max_lora_rank`
+# (vllm/lora/layers: lora_a_stacked [max_loras, rank, in] and lora_b_stacked
+# [max_loras, out, rank] per linear slice; [max_loras, vocab, rank] and
+# [max_loras, hidden, rank] for the input embeddings), in the model's dtype.
+# The punica kernels add fp32 buffers of [batched tokens, rank] per slice at run time.
+LORA_BUFFER_BYTES = 4
+LORA_BUFFER_SLICES = 3  # q/k/v: the widest packed layer's slices
+
+
+def _small_bytes(size: int) -> str:
+    """MiB below 1 GiB: adapters and their slots are often a few MiB."""
+    return f"{size / MIB:.1f} MiB" if size < GIB else format_bytes(size)
+
+
+def lora_bytes(model_dir: str | Path | None = None, *, config: dict | None = None, dtype: str = "auto",
+               max_lora_rank: int = 16, max_loras: int = 1, tensor_parallel_size: int = 1,
+               adapter_bytes: tuple[int, ...] = ()) -> tuple[int, tuple[str, ...]]:
+    """Per-GPU bytes vLLM reserves for LoRA (adapter slots + kernel buffers), with a note saying how."""
+    source = str(Path(model_dir) / "config.json") if model_dir is not None else None
+    cfg = _text_config(config if config is not None else load_model_config(model_dir))
+    arch = _architecture(cfg, source)
+    dtype_bytes = _serving_dtype_bytes(cfg, dtype)
+    h, q_dim, kv_dim = arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    ffn = _ffn_width(cfg, arch)
+    # (input, output) width of every linear slice of one decoder layer.
+    slices = [(h, q_dim), (h, kv_dim), (h, kv_dim), (q_dim, h)]
+    slices += [(h, ffn), (h, ffn), (ffn, h)] if arch.gated_mlp else [(h, ffn), (ffn, h)]
+    per_slot = sum(i + o for i, o in slices) * arch.layers + arch.vocab + h
+    slots = max_loras * max_lora_rank * per_slot * dtype_bytes // tensor_parallel_size
+    buffers = PROFILE_BATCHED_TOKENS * max_lora_rank * LORA_BUFFER_BYTES * LORA_BUFFER_SLICES
+    note = (f"LoRA: {_small_bytes(slots)} for {max_loras} adapter slot(s) (max_loras) of rank {max_lora_rank} "
+            f"(max_lora_rank) on every attention/MLP layer and the embeddings, which vLLM allocates at start, "
+            f"+ {_small_bytes(buffers)} kernel buffers")
+    if adapter_bytes:
+        note += f"; the largest adapter's weight files are {_small_bytes(max(adapter_bytes))} (they fill one slot)"
+    return slots + buffers, (note,)

@@ -6,12 +6,13 @@ The renderer only formats a Plan; all arithmetic lives here.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from vfgen.config import Deployment, ModelSpec
+from vfgen.config import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, Deployment, ModelSpec
 from vfgen.errors import PlanError
 
 
@@ -43,6 +44,15 @@ class Instance:
 
 
 @dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter served by every instance of a pool, as vLLM lists it in /v1/models."""
+
+    name: str  # what clients send as "model"
+    path: str  # vLLM's `root`
+    parent: str  # vLLM's `parent`: base_model_name, else the model's first served name
+
+
+@dataclass(frozen=True)
 class Pool:
     """The nginx upstreams of one model."""
 
@@ -55,6 +65,13 @@ class Pool:
     served_names: tuple[str, ...]
     source: str
     keepalive: int  # idle connections each nginx worker keeps to this pool
+    adapters: tuple[Adapter, ...] = ()  # LoRA adapters: their names route to this pool too
+    lora: bool = False  # instances run with --enable-lora (the load/unload endpoints exist)
+
+    @property
+    def route_names(self) -> tuple[str, ...]:
+        """Every name nginx sends to this pool: served names and aliases, then adapters."""
+        return self.served_names + tuple(a.name for a in self.adapters)
 
 
 @dataclass(frozen=True)
@@ -137,7 +154,7 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
             locks=tuple(f"{d.lock_dir}/gpu-{g}.lock" for g in sorted(gpus, key=int)),
             url=f"http://{_connect_host(host)}:{ports[n]}",
             served_name=model.served_names[0],
-            env=_env(model, index, gpus),
+            env=_env(d, model, index, gpus),
             env_file=model.env_file,
             vllm_argv=_vllm_argv(d, model, host, ports[n], f"{shares[n]:.2f}"),
             start_timeout=d.timeouts.start * queue,
@@ -222,6 +239,8 @@ def _memory_fits(d: Deployment, placements, shares, gpu_bytes: int | None):
             tensor_parallel_size=m.tensor_parallel_size, enforce_eager=m.enforce_eager,
             pooling=True if _runner_is_pooling(m.extra_args) else None,
         )
+        if m.enable_lora:
+            mem = _with_lora(memory, mem, model_dir, m)
         fits.append(MemoryFit(m.key, gpu_bytes, mem.total_bytes, mem.min_bytes, memory.recommend_share(mem, gpu_bytes),
                               memory.instances_that_fit(mem, gpu_bytes, d.memory_budget), mem.notes))
         share = min(s for (pm, _, _), s in zip(placements, shares) if pm is m)
@@ -231,6 +250,16 @@ def _memory_fits(d: Deployment, placements, shares, gpu_bytes: int | None):
         if problem:
             warnings.append(f"{m.key}: {problem}")
     return tuple(fits), tuple(warnings)
+
+
+def _with_lora(memory, mem, model_dir: Path, m: ModelSpec):
+    extra, notes = memory.lora_bytes(
+        model_dir, dtype=m.dtype or "auto", max_lora_rank=m.max_lora_rank or DEFAULT_MAX_LORA_RANK,
+        max_loras=m.max_loras or DEFAULT_MAX_LORAS, tensor_parallel_size=m.tensor_parallel_size,
+        adapter_bytes=tuple(a.weight_bytes for a in m.lora_modules if a.weight_bytes),
+    )
+    return replace(mem, overhead_bytes=mem.overhead_bytes + extra, total_bytes=mem.total_bytes + extra,
+                   min_bytes=mem.min_bytes + extra, notes=mem.notes + notes)
 
 
 def _runner_is_pooling(args: tuple[str, ...]) -> bool:
@@ -269,8 +298,11 @@ def _connect_host(host: str) -> str:
     return f"[{ip}]" if ip.version == 6 else str(ip)
 
 
-def _env(m: ModelSpec, index: int, gpus: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+def _env(d: Deployment, m: ModelSpec, index: int, gpus: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     env = [("CUDA_VISIBLE_DEVICES", ",".join(gpus))]
+    if d.allow_runtime_lora_updating and m.enable_lora:
+        # Registers /v1/load_lora_adapter and /v1/unload_lora_adapter on the instance.
+        env.append(("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True"))
     env += list(m.env)
     if m.instance_env:
         env += list(m.instance_env[index])
@@ -304,7 +336,31 @@ def _vllm_argv(d: Deployment, m: ModelSpec, host: str, port: int, share: str) ->
         argv += ["--io-processor-plugin", m.io_processor_plugin]
     if m.max_model_len:
         argv += ["--max-model-len", str(m.max_model_len)]
-    return tuple(argv) + m.extra_args
+    return tuple(argv) + _lora_argv(m) + m.extra_args
+
+
+def _lora_argv(m: ModelSpec) -> tuple[str, ...]:
+    """vLLM's LoRA flags: the same on every instance, so each serves every adapter."""
+    if not m.enable_lora:
+        return ()
+    argv = ["--enable-lora"]
+    if m.lora_modules:
+        argv.append("--lora-modules")
+        for a in m.lora_modules:
+            # vLLM reads an item with '=' and no ',' as NAME=PATH (split at the first '='),
+            # anything else as JSON, which also carries base_model_name.
+            if a.base_model_name is None and "=" not in a.name and "," not in a.name + a.path:
+                argv.append(f"{a.name}={a.path}")
+            else:
+                item = {"name": a.name, "path": a.path}
+                if a.base_model_name is not None:
+                    item["base_model_name"] = a.base_model_name
+                argv.append(json.dumps(item, ensure_ascii=False))
+    for flag, value in (("--max-lora-rank", m.max_lora_rank), ("--max-loras", m.max_loras),
+                        ("--max-cpu-loras", m.max_cpu_loras)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return tuple(argv)
 
 
 def _pool(d: Deployment, m: ModelSpec, instances: list[Instance]) -> Pool:
@@ -323,6 +379,8 @@ def _pool(d: Deployment, m: ModelSpec, instances: list[Instance]) -> Pool:
         # Enough idle connections to reuse one per in-flight request; capped so a
         # large pool cannot exhaust the backends' file descriptors.
         keepalive=min(m.max_batch_size * len(servers), 512),
+        adapters=tuple(Adapter(a.name, a.path, a.base_model_name or m.served_names[0]) for a in m.lora_modules),
+        lora=m.enable_lora,
     )
 
 

@@ -142,13 +142,13 @@ def _error(code: int, kind: str, message: str, param: str | None = None) -> str:
 def render_nginx(plan: Plan) -> str:
     d = plan.deployment
     p = plan.nginx_prefix
-    names = ", ".join(d.all_served_names)
+    names = ", ".join(n for pool in plan.pools for n in pool.route_names)
     route_unknown, route_missing, route_unreadable = (f"{d.name}-unknown-model", f"{d.name}-missing-model", f"{d.name}-unreadable-body")
     default_route = None
     routes: list[tuple[str, str]] = []
     for pool in plan.pools:
         first = pool.affinity_upstream or pool.upstream
-        for served in pool.served_names:
+        for served in pool.route_names:
             routes.append((f"~^[A-Z]+:1:{quoting.json_string_pcre(served)}$", first))
             if served == d.default_model:
                 default_route = first
@@ -166,6 +166,11 @@ def render_nginx(plan: Plan) -> str:
         "e405": _error(405, "MethodNotAllowedError", "Method not allowed."),
         "unauthorized": _error(401, "AuthenticationError", "Missing or invalid API key. Send it as the header `Authorization: Bearer <key>`."),
         "rate_limited": _error(429, "RateLimitError", "Too many requests from this client. Retry later."),
+        "lora_runtime": _error(403, "PermissionDeniedError", (
+            "Loading or unloading LoRA adapters through the dispatcher is refused: the call would reach one "
+            "instance only, and the instances would then disagree. Declare adapters in lora_modules and re-render"
+            + (", or run `vfgen lora load` / `vfgen lora unload` on the host, which changes every instance."
+               if d.allow_runtime_lora_updating else "."))),
     }
     plain_errors = [
         (400, _error(400, "BadRequestError", "Malformed request.")),
@@ -179,8 +184,13 @@ def render_nginx(plan: Plan) -> str:
     models_json = quoting.nginx_json({
         "object": "list",
         "data": [
-            {"id": n, "object": "model", "created": 0, "owned_by": "vllm", "root": pool.source, "parent": None, "permission": []}
-            for pool in plan.pools for n in pool.served_names
+            # vLLM's order: the base model's names, then its adapters.
+            entry for pool in plan.pools for entry in (
+                *({"id": n, "object": "model", "created": 0, "owned_by": "vllm", "root": pool.source, "parent": None,
+                   "permission": []} for n in pool.served_names),
+                *({"id": a.name, "object": "model", "created": 0, "owned_by": "vllm", "root": a.path, "parent": a.parent,
+                   "permission": []} for a in pool.adapters),
+            )
         ],
     })
     shape_maps = []
@@ -214,6 +224,7 @@ def render_nginx(plan: Plan) -> str:
         models_json=models_json,
         shape_maps=shape_maps,
         api_keys_map=api_keys_path(d) if d.api_key_file else None,
+        lora=any(pool.lora for pool in plan.pools),
     )
 
 

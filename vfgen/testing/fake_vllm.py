@@ -65,6 +65,7 @@ _IGNORED_BOOL_FLAGS = [  # each also gets its --no- form, as in vLLM
 ]
 _IGNORED_SWITCHES = ["--disable-log-stats", "--disable-uvicorn-access-log", "--disable-fastapi-docs"]
 _DTYPES = ["auto", "half", "float16", "bfloat16", "float", "float32"]
+_LORA_RANKS = [1, 8, 16, 32, 64, 128, 256, 320, 512]  # vLLM's MaxLoRARanks
 
 
 def _seconds(text: str) -> float:
@@ -129,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--io-processor-plugin", default=None)
     serve.add_argument("--max-model-len", type=_human_int, default=None)
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
+    serve.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=False)
+    serve.add_argument("--lora-modules", nargs="+", default=None, help="NAME=PATH or JSON {name, path, base_model_name}")
+    serve.add_argument("--max-lora-rank", type=int, choices=_LORA_RANKS, default=16)
+    serve.add_argument("--max-loras", type=_count, default=1)
+    serve.add_argument("--max-cpu-loras", type=_count, default=None)
     for flag in _IGNORED_VALUE_FLAGS:
         serve.add_argument(flag, default=None, help=argparse.SUPPRESS)
     for flag in _IGNORED_INT_FLAGS:
@@ -173,9 +179,34 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             parser.error(f"environment variable {env}={raw!r}: {exc}")
     opts.model = opts.model_tag or opts.model or DEFAULT_MODEL
     opts.served_model_name = opts.served_model_name or [opts.model]
+    opts.lora_modules = _lora_modules(parser, opts.lora_modules or [])
+    if opts.lora_modules and not opts.enable_lora:
+        parser.error("--lora-modules needs --enable-lora")  # vLLM fails at start the same way
+    if opts.max_cpu_loras is not None and opts.max_cpu_loras < opts.max_loras:
+        parser.error(f"max_cpu_loras ({opts.max_cpu_loras}) must be >= max_loras ({opts.max_loras}).")
     if opts.api_key is None:
         opts.api_key = os.environ.get("VLLM_API_KEY") or None
     return opts
+
+
+def _lora_modules(parser: argparse.ArgumentParser, items: list[str]) -> list[dict[str, Any]]:
+    """vLLM's LoRAParserAction: NAME=PATH when the item has '=' and no ',', else JSON."""
+    out = []
+    for item in items:
+        if not item:
+            continue
+        if "=" in item and "," not in item:
+            name, path = item.split("=", 1)
+            out.append({"name": name, "path": path, "base_model_name": None})
+            continue
+        try:
+            data = json.loads(item)
+        except ValueError:
+            parser.error(f"Invalid JSON format for --lora-modules: {item}")
+        if not isinstance(data, dict) or not {"name", "path"} <= set(data) or set(data) - {"name", "path", "base_model_name"}:
+            parser.error(f"Invalid fields for --lora-modules: {item}")
+        out.append({"base_model_name": None, **data})
+    return out
 
 
 # --------------------------------------------------------------------------- logging
@@ -553,6 +584,12 @@ class FakeVllm:
         self.opts = opts
         self.names: list[str] = list(opts.served_model_name)
         self.name = self.names[0]
+        # LoRA adapters by name, in load order (vLLM lists them after the base names).
+        self.adapters: dict[str, dict[str, Any]] = {}
+        for module in opts.lora_modules:
+            self._add_adapter(module["name"], module["path"], module["base_model_name"])
+        flag = os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower()
+        self.runtime_lora = opts.enable_lora and flag in ("1", "true")
         self.port = opts.port
         self.scheduler = Scheduler(opts.max_num_seqs)
         self.events = EventLog(opts.fake_event_log, self.name, opts.port)
@@ -578,6 +615,9 @@ class FakeVllm:
             "/fake/reset": {post: self.reset},
             **{path: {post: self.inference} for path in _INFERENCE_PATHS},
         }
+        if self.runtime_lora:  # vLLM registers these only with VLLM_ALLOW_RUNTIME_LORA_UPDATING
+            self.routes["/v1/load_lora_adapter"] = {post: self.load_lora_adapter}
+            self.routes["/v1/unload_lora_adapter"] = {post: self.unload_lora_adapter}
 
     def _reset_counters(self) -> None:
         self.completed = 0
@@ -585,6 +625,7 @@ class FakeVllm:
         self.misrouted = 0
         self.requests = 0
         self.arrival_seq = 0
+        self.lora_calls: list[dict[str, Any]] = []
         self.arrivals: collections.deque[dict] = collections.deque(maxlen=ARRIVALS_KEPT)
         self.scheduler.reset_peaks()
 
@@ -664,7 +705,59 @@ class FakeVllm:
                 "root": self.opts.model, "parent": None,
                 "max_model_len": self.opts.max_model_len or 2048, "permission": [],
             } for name in self.names]
+            data += [{
+                "id": name, "object": "model", "created": created, "owned_by": "vllm",
+                "root": adapter["path"], "parent": adapter["parent"], "max_model_len": None, "permission": [],
+            } for name, adapter in self.adapters.items()]
         return self.respond(req, 200, _dumps({"object": "list", "data": data}))
+
+    # LoRA ------------------------------------------------------------------
+    def _add_adapter(self, name: str, path: str, base_model_name: Optional[str]) -> None:
+        # vLLM keeps base_model_name only when it is one of the served names.
+        parent = base_model_name if base_model_name in self.names else self.name
+        self.adapters[name] = {"path": path, "parent": parent}
+
+    def _lora_request(self, req: Request) -> Union[dict, bytes]:
+        try:
+            payload = json.loads(req.body)
+            if not isinstance(payload, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError):
+            return self._error(req, 400, "BadRequestError", "Invalid JSON body.")
+        return payload
+
+    def load_lora_adapter(self, req: Request, conn: HttpConnection) -> bytes:
+        payload = self._lora_request(req)
+        if isinstance(payload, bytes):
+            return payload
+        name, path = payload.get("lora_name"), payload.get("lora_path")
+        self.lora_calls.append({"action": "load", "name": name, "path": path})
+        if not name or not path:
+            return self._error(req, 400, "InvalidUserInput", "Both 'lora_name' and 'lora_path' must be provided.")
+        if name in self.names:
+            return self._error(req, 400, "InvalidUserInput", f"The lora adapter '{name}' conflicts with a served base model.")
+        if name in self.adapters and not payload.get("load_inplace"):
+            return self._error(req, 400, "InvalidUserInput", f"The lora adapter '{name}' has already been loaded. "
+                               "If you want to load the adapter in place, set 'load_inplace' to True.")
+        if str(path).startswith("/") and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            return self._error(req, 404, "NotFoundError", f"Loading lora {name} failed: No adapter found for {path}")
+        self._add_adapter(name, path, None)
+        log(f"Loaded new LoRA adapter: name '{name}', path '{path}'")
+        return self.respond(req, 200, f"Success: LoRA adapter '{name}' added successfully.".encode(), None)
+
+    def unload_lora_adapter(self, req: Request, conn: HttpConnection) -> bytes:
+        payload = self._lora_request(req)
+        if isinstance(payload, bytes):
+            return payload
+        name = payload.get("lora_name")
+        self.lora_calls.append({"action": "unload", "name": name})
+        if not name:
+            return self._error(req, 400, "InvalidUserInput", "'lora_name' needs to be provided to unload a LoRA adapter.")
+        if name not in self.adapters:
+            return self._error(req, 404, "NotFoundError", f"The lora adapter '{name}' cannot be found.")
+        del self.adapters[name]
+        log(f"Removed LoRA adapter: name '{name}'")
+        return self.respond(req, 200, f"Success: LoRA adapter '{name}' removed successfully.".encode(), None)
 
     def metrics(self, req: Request, conn: HttpConnection) -> bytes:
         label = '{model_name="%s"}' % self.name.replace("\\", "\\\\").replace('"', '\\"')
@@ -693,6 +786,7 @@ class FakeVllm:
             "queued": self.scheduler.queued, "max_queued": self.scheduler.max_queued,
             "requests": self.requests, "completed": self.completed, "failed": self.failed,
             "misrouted": self.misrouted, "arrivals": list(self.arrivals),
+            "adapters": {name: a["path"] for name, a in self.adapters.items()}, "lora_calls": list(self.lora_calls),
         }))
 
     def reset(self, req: Request, conn: HttpConnection) -> bytes:
@@ -718,7 +812,7 @@ class FakeVllm:
             return self._error(req, 500, "InternalServerError", "cannot schedule new futures after shutdown")
         if not self.registered:
             return self._error(req, 503, "ServiceUnavailableError", "The model is not loaded yet.")
-        if model and model not in self.names:
+        if model and model not in self.names and model not in self.adapters:
             self.misrouted += 1
             aliases = ", ".join(self.names)
             return self._error(req, 404, "NotFoundError", f"The model `{model}` does not exist. Valid aliases: {aliases}.", "model")
@@ -753,6 +847,11 @@ class FakeVllm:
         finally:
             self.scheduler.release()
 
+    def _reply_model(self, payload: dict) -> str:
+        """What vLLM puts in "model": the adapter's name, else the first served name (aliases too)."""
+        model = payload.get("model")
+        return model if isinstance(model, str) and model in self.adapters else self.name
+
     def _fails(self) -> bool:
         return bool(self.opts.fake_fail_rate) and random.random() < self.opts.fake_fail_rate
 
@@ -774,7 +873,7 @@ class FakeVllm:
             choice = {"index": 0, "text": "".join(tokens), "logprobs": None, "finish_reason": "length",
                       "stop_reason": None, "prompt_logprobs": None}
             body = {"id": self._next_id("cmpl"), "object": "text_completion", "created": created,
-                    "model": self.name, "choices": [choice], "usage": usage, "kv_transfer_params": None}
+                    "model": self._reply_model(payload), "choices": [choice], "usage": usage, "kv_transfer_params": None}
         else:
             message = {"role": "assistant", "content": "".join(tokens).strip(), "refusal": None,
                        "annotations": None, "audio": None, "function_call": None, "tool_calls": [],
@@ -782,7 +881,7 @@ class FakeVllm:
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "length",
                       "stop_reason": None}
             body = {"id": self._next_id("chatcmpl"), "object": "chat.completion", "created": created,
-                    "model": self.name, "choices": [choice], "usage": usage, "prompt_logprobs": None,
+                    "model": self._reply_model(payload), "choices": [choice], "usage": usage, "prompt_logprobs": None,
                     "kv_transfer_params": None}
         return self.respond(req, 200, _dumps(body))
 
@@ -805,7 +904,7 @@ class FakeVllm:
         else:
             data = [{"index": i, "object": "pooling", "data": _vector(item, size)} for i, item in enumerate(items)]
             prefix = "pool"
-        return {"id": self._next_id(prefix), "object": "list", "created": created, "model": self.name,
+        return {"id": self._next_id(prefix), "object": "list", "created": created, "model": self._reply_model(payload),
                 "data": data, "usage": usage}
 
     async def _stream(self, req: Request, conn: HttpConnection, kind: str, payload: dict) -> bool:
@@ -831,6 +930,7 @@ class FakeVllm:
         count = self.opts.fake_stream_chunks
         obj = "text_completion" if kind == _COMPLETION else "chat.completion.chunk"
         rid = self._next_id("cmpl" if kind == _COMPLETION else "chatcmpl")
+        model = self._reply_model(payload)
         for i in range(count):
             if i and self.opts.fake_chunk_interval:
                 await asyncio.sleep(self.opts.fake_chunk_interval)
@@ -843,7 +943,7 @@ class FakeVllm:
             else:
                 delta = {"role": "assistant", "content": f"tok{i}"} if i == 0 else {"content": f" tok{i}"}
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            chunk = {"id": rid, "object": obj, "created": created, "model": self.name, "choices": [choice]}
+            chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
             send(b"data: " + _dumps(chunk) + b"\n\n")
             await conn.drain()
         options = payload.get("stream_options")
@@ -851,7 +951,7 @@ class FakeVllm:
             prompt_tokens = _word_count(payload.get("prompt") if kind == _COMPLETION else payload.get("messages"))
             usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + count,
                      "completion_tokens": count}
-            send(b"data: " + _dumps({"id": rid, "object": obj, "created": created, "model": self.name,
+            send(b"data: " + _dumps({"id": rid, "object": obj, "created": created, "model": model,
                                      "choices": [], "usage": usage}) + b"\n\n")
         send(b"data: [DONE]\n\n")
         if chunked:
