@@ -417,3 +417,49 @@ def test_sigterm_without_shutdown_timeout_exits_at_once(procs, tmp_path):
     assert time.monotonic() - sent < 1.0
     thread.join(timeout=5)
     assert "error" in outcome  # the in-flight request was aborted, as vLLM does
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def test_lora_adapters_are_listed_and_served_like_vllm(procs, tmp_path):
+    legal = {"name": "legal", "path": "org/legal", "base_model_name": "alias-b"}
+    proc, port = start(procs, tmp_path, "--served-model-name", "alias-a", "alias-b", "--enable-lora",
+                       "--lora-modules", "support=/srv/support", json.dumps(legal), "--max-lora-rank", "8",
+                       "--max-loras", "2", "--max-cpu-loras", "2")
+    data = requests.get(url(port, "/v1/models"), timeout=5).json()["data"]
+    assert [(m["id"], m["root"], m["parent"]) for m in data] == [
+        ("alias-a", MODEL, None), ("alias-b", MODEL, None), ("support", "/srv/support", "alias-a"),
+        ("legal", "org/legal", "alias-b")]
+    reply = requests.post(url(port, "/v1/completions"), json={"model": "support", "prompt": "x"}, timeout=5)
+    assert reply.status_code == 200 and reply.json()["model"] == "support"  # vLLM answers with the adapter's name
+    unknown = requests.post(url(port, "/v1/completions"), json={"model": "nope", "prompt": "x"}, timeout=5)
+    assert unknown.status_code == 404
+    # Without VLLM_ALLOW_RUNTIME_LORA_UPDATING vLLM registers no runtime endpoints.
+    assert requests.post(url(port, "/v1/load_lora_adapter"), json={}, timeout=5).status_code == 404
+
+
+def test_runtime_lora_endpoints_need_vllms_variable(procs, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    proc, port = start(procs, tmp_path, "--enable-lora", env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+
+    def load(body: dict) -> requests.Response:
+        return requests.post(url(port, "/v1/load_lora_adapter"), json=body, timeout=5)
+
+    assert load({"lora_name": "a", "lora_path": str(adapter)}).text == "Success: LoRA adapter 'a' added successfully."
+    assert load({"lora_name": "a", "lora_path": str(adapter)}).status_code == 400  # already loaded
+    assert load({"lora_name": MODEL, "lora_path": str(adapter)}).status_code == 400  # a base model's name
+    assert load({"lora_name": "b", "lora_path": str(tmp_path / "none")}).status_code == 404
+    assert [m["id"] for m in requests.get(url(port, "/v1/models"), timeout=5).json()["data"]] == [MODEL, "a"]
+    unload = requests.post(url(port, "/v1/unload_lora_adapter"), json={"lora_name": "a"}, timeout=5)
+    assert unload.status_code == 200
+    assert requests.post(url(port, "/v1/unload_lora_adapter"), json={"lora_name": "a"}, timeout=5).status_code == 404
+    stats = requests.get(url(port, "/fake/stats"), timeout=5).json()
+    assert stats["adapters"] == {} and [c["action"] for c in stats["lora_calls"]] == ["load"] * 4 + ["unload"] * 2
+
+
+def test_lora_modules_without_enable_lora_exit_2():
+    result = run_cli("serve", MODEL, "--lora-modules", "a=/x")
+    assert result.returncode == 2 and "--lora-modules needs --enable-lora" in result.stderr
