@@ -590,7 +590,9 @@ LORA_BUFFER_SLICES = 3  # q/k/v: the widest packed layer's slices
 
 
 def _small_bytes(size: int) -> str:
-    """MiB below 1 GiB: adapters and their slots are often a few MiB."""
+    """KiB or MiB below 1 GiB: adapters and their slots are often a few MiB, or less."""
+    if size < MIB:
+        return f"{size / KIB:.1f} KiB"
     return f"{size / MIB:.1f} MiB" if size < GIB else format_bytes(size)
 
 

@@ -113,6 +113,13 @@ class LiveDeployment:
         return list(self.spec)
 
     def _vfgen(self, command: str, extra: Sequence[str]) -> subprocess.CompletedProcess:
+        result = self.vfgen(command, *extra)
+        if result.returncode != 0:
+            raise RuntimeError(f"`{' '.join(result.args)}` exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def vfgen(self, *words: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """`vfgen WORDS...` with this deployment's arguments (as rendered), e.g. ("lora", "load", NAME, PATH)."""
         args = self._cli_args()
         vllm_args: list[str] = []
         if "--" in args:
@@ -122,11 +129,8 @@ class LiveDeployment:
             for flag, value in (("--start-timeout", "60"), ("--shutdown-timeout", "3")):
                 if flag not in args:
                     args += [flag, value]
-        argv = [console_script("vfgen"), command, *args, *self._overrides(), *extra, *vllm_args]
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            raise RuntimeError(f"`{' '.join(argv)}` exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-        return result
+        argv = [console_script("vfgen"), *words, *args, *self._overrides(), *vllm_args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
     def _overrides(self) -> list[str]:
         return [

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.deploy import assert_json_error, console_script, stand_in_args
+from tests.harness.deploy import assert_json_error, stand_in_args
 from tests.harness.load import run_load
 
 pytestmark = pytest.mark.live
@@ -130,8 +130,7 @@ def runtime(live_deploy, adapters):
 
 
 def vfgen_lora(d, *args: str) -> subprocess.CompletedProcess:
-    argv = [console_script("vfgen"), "lora", *args, *d._cli_args(), *d._overrides(), "--timeout", "10"]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    return d.vfgen("lora", *args, "--timeout", "10")
 
 
 def adapters_of(d) -> dict[str, dict[str, str]]:

@@ -260,12 +260,29 @@ DEPLOY_TIMEOUT = 480.0
 _START_FAILURE = re.compile(r"unrecognized arguments|error: argument|before becoming healthy")
 
 
-def cpu_deployment_spec(llama: Path, bert: Path, cache_dir: Path) -> dict:
-    """examples/cpu-tiny.yaml with the tiny models; the rest (flags, pinning, KV cache) as shipped."""
+# The tiny LoRA adapter every Llama instance of the deployment serves (issue 19).
+LORA_NAME = "tiny-lora"
+
+
+def build_tiny_lora(vllm_venv: Path, llama: Path, out: Path, seed: int = 0) -> Path:
+    """A fresh r=8 q_proj/v_proj adapter for the tiny Llama (tests/harness/tiny_lora.py), built on the spot."""
+    argv = [str(vllm_venv / "bin" / "python"), "-m", "tests.harness.tiny_lora", str(llama), str(out), str(seed)]
+    done = subprocess.run(argv, cwd=tiny_models.repo_root(), capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    if done.returncode != 0:
+        pytest.fail(f"building the tiny LoRA adapter failed ({argv}):\n{done.stderr[-4000:]}", pytrace=False)
+    return out
+
+
+def cpu_deployment_spec(llama: Path, bert: Path, cache_dir: Path, lora: Path | None = None) -> dict:
+    """examples/cpu-tiny.yaml with the tiny models; the rest (flags, pinning, KV cache) as shipped.
+    With `lora`, the Llama instances also serve that adapter as LORA_NAME and allow runtime loads."""
     spec = yaml.safe_load(EXAMPLE.read_text())
     models = {m["name"]: m for m in spec["models"]}
     models["llama"]["model"] = str(llama)
     models["bert"]["model"] = str(bert)
+    if lora is not None:
+        models["llama"].update(lora_modules=[{"name": LORA_NAME, "path": str(lora)}], max_lora_rank=8)
+        spec["allow_runtime_lora_updating"] = True
     # vLLM logs "Added request <id>." per choice it hands to its engine: the stop test
     # waits for all of them (tests/vllm/test_dispatcher_e2e.py).
     models["llama"]["extra_args"] = [*models["llama"]["extra_args"], "--enable-log-requests"]
@@ -307,12 +324,14 @@ def fail_on_start_error(deployment: LiveDeployment) -> Callable[[], None]:
 
 
 @pytest.fixture(scope="module")
-def cpu_deployment(vllm_bin: Path, tiny_llama: Path, tiny_bert: Path,
+def cpu_deployment(vllm_venv: Path, vllm_bin: Path, tiny_llama: Path, tiny_bert: Path,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDeployment]:
-    """examples/cpu-tiny.yaml rendered by `vfgen render`, running real vLLM under nginx + supervisord."""
+    """examples/cpu-tiny.yaml rendered by `vfgen render`, running real vLLM under nginx + supervisord;
+    the Llama instances also serve a tiny LoRA adapter built for this run."""
     root = tmp_path_factory.mktemp("cpu-deployment")
     group = ProcessGroup()
-    deployment = LiveDeployment(root, group, cpu_deployment_spec(tiny_llama, tiny_bert, root / "vllm-cache"),
+    lora = build_tiny_lora(vllm_venv, tiny_llama, root / "adapters" / LORA_NAME)
+    deployment = LiveDeployment(root, group, cpu_deployment_spec(tiny_llama, tiny_bert, root / "vllm-cache", lora),
                                 vllm_bin=str(vllm_bin))
     try:
         began = time.monotonic()

@@ -36,7 +36,7 @@ from tests.harness.deploy import (
     process_alive,
 )
 from tests.harness.load import LoadResult, run_load, start_load
-from tests.vllm.conftest import fail_on_start_error, instance_log, log_tail, record
+from tests.vllm.conftest import LORA_NAME, build_tiny_lora, fail_on_start_error, instance_log, log_tail, record
 from vfgen import procfs
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -239,16 +239,26 @@ def test_every_instance_runs_the_rendered_command_pinned_to_its_core(cpu_deploym
         assert rss < 3072, f"{backend.program} uses {rss:.0f} MiB"
 
 
-def test_models_lists_both_models(cpu_deployment: LiveDeployment):
+def _card(entry: dict) -> tuple:
+    """What a client compares in /v1/models (`created` is a timestamp, `permission` holds random ids)."""
+    return entry["id"], entry["object"], entry["owned_by"], entry["root"], entry["parent"]
+
+
+def test_models_lists_both_models_and_the_adapter_like_an_instance(cpu_deployment: LiveDeployment):
     response = httpx.get(f"{cpu_deployment.url}/v1/models", timeout=REQUEST_TIMEOUT, trust_env=False)
     assert response.status_code == 200
     body = response.json()
     assert body["object"] == "list"
-    assert [m["id"] for m in body["data"]] == [CHAT, EMBED]
-    # nginx's list matches what the instances themselves serve.
+    assert [m["id"] for m in body["data"]] == [CHAT, LORA_NAME, EMBED]
+    through_nginx = [_card(m) for m in body["data"]]
+    # nginx's list holds exactly what each instance serves, ids and parents included, in its order.
     for backend in cpu_deployment.backends:
-        served = httpx.get(f"{backend.url}/v1/models", timeout=REQUEST_TIMEOUT).json()
-        assert [m["id"] for m in served["data"]] == [backend.served_name]
+        served = [_card(m) for m in httpx.get(f"{backend.url}/v1/models", timeout=REQUEST_TIMEOUT).json()["data"]]
+        expected = [CHAT, LORA_NAME] if backend.served_name == CHAT else [EMBED]
+        assert [card[0] for card in served] == expected, (backend.program, served)
+        assert [card for card in through_nginx if card[0] in expected] == served, (backend.program, served)
+    lora = next(m for m in body["data"] if m["id"] == LORA_NAME)
+    assert lora["parent"] == CHAT and lora["root"].endswith(f"/adapters/{LORA_NAME}")
 
 
 # --- every route, through nginx -------------------------------------------------------
@@ -334,7 +344,71 @@ def test_unknown_model_is_404_json(cpu_deployment: LiveDeployment, path: str, ex
     response = post(cpu_deployment, path, {"model": "no-such-model", **extra})
     error = assert_json_error(response.status_code, response.headers, response.content, 404)
     assert error["type"] == "NotFoundError" and error["param"] == "model"
-    assert f"{CHAT}, {EMBED}" in error["message"], error
+    assert f"{CHAT}, {LORA_NAME}, {EMBED}" in error["message"], error
+
+
+# --- the LoRA adapter every Llama instance serves (issue 19) --------------------------
+
+
+def _greedy(url: str, model: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json={
+        "model": model, "prompt": "hello world", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+    }, timeout=REQUEST_TIMEOUT, trust_env=False)
+
+
+def test_adapter_completion_through_nginx_differs_from_the_base_model(cpu_deployment: LiveDeployment):
+    d = cpu_deployment
+    adapter, base = _greedy(d.url, LORA_NAME), _greedy(d.url, CHAT)
+    assert adapter.status_code == 200 and base.status_code == 200, (adapter.text, base.text)
+    assert adapter.json()["model"] == LORA_NAME and base.json()["model"] == CHAT
+    adapter_text, base_text = adapter.json()["choices"][0]["text"], base.json()["choices"][0]["text"]
+    record(f"temperature 0, 12 tokens: base {base_text!r}, adapter {adapter_text!r}")
+    assert adapter_text != base_text
+    # Both instances serve the adapter, from the same file: the same greedy text from each.
+    for backend in llamas(d):
+        direct = _greedy(backend.url, LORA_NAME)
+        assert direct.status_code == 200 and direct.json()["choices"][0]["text"] == adapter_text, backend.program
+
+
+def test_unknown_adapter_is_404_json(cpu_deployment: LiveDeployment):
+    response = post(cpu_deployment, "/v1/completions", {"model": f"{LORA_NAME}-2", "prompt": "hello"})
+    error = assert_json_error(response.status_code, response.headers, response.content, 404)
+    assert error["type"] == "NotFoundError" and error["param"] == "model" and LORA_NAME in error["message"]
+
+
+def test_runtime_lora_load_is_refused_at_the_edge_and_vfgen_lora_reaches_both_instances(
+        cpu_deployment: LiveDeployment, vllm_venv: Path, tmp_path: Path):
+    d = cpu_deployment
+    second = build_tiny_lora(vllm_venv, Path(d.spec["models"][0]["model"]), tmp_path / "second", seed=1)
+    body = {"lora_name": "second", "lora_path": str(second)}
+    # The instances have vLLM's runtime endpoints (VLLM_ALLOW_RUNTIME_LORA_UPDATING), SageMaker's
+    # /adapters included; nginx refuses every one of them.
+    paths = httpx.get(f"{llamas(d)[0].url}/openapi.json", timeout=REQUEST_TIMEOUT).json()["paths"]
+    assert {"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters"} <= set(paths), sorted(paths)
+    for path in ("/v1/load_lora_adapter", "/adapters"):
+        edge = post(d, path, body)
+        assert_json_error(edge.status_code, edge.headers, edge.content, 403)
+    assert all("second" not in _ids(b) for b in llamas(d))
+
+    loaded = d.vfgen("lora", "load", "second", str(second), timeout=REQUEST_TIMEOUT)
+    assert loaded.returncode == 0 and loaded.stdout.count(": loaded") == 2, loaded.stdout + loaded.stderr
+    assert "nginx routes only the names it was rendered with" in loaded.stderr  # two models: body routing
+    for backend in llamas(d):
+        entry = next(m for m in _models(backend) if m["id"] == "second")
+        assert (entry["root"], entry["parent"]) == (str(second), CHAT)
+        reply = _greedy(backend.url, "second")
+        assert reply.status_code == 200 and reply.json()["model"] == "second", reply.text
+    unloaded = d.vfgen("lora", "unload", "second", timeout=REQUEST_TIMEOUT)
+    assert unloaded.returncode == 0 and unloaded.stdout.count(": unloaded") == 2, unloaded.stdout + unloaded.stderr
+    assert all("second" not in _ids(b) for b in llamas(d))
+
+
+def _models(backend: Backend) -> list[dict]:
+    return httpx.get(f"{backend.url}/v1/models", timeout=REQUEST_TIMEOUT).json()["data"]
+
+
+def _ids(backend: Backend) -> list[str]:
+    return [m["id"] for m in _models(backend)]
 
 
 # --- kill -9 of one instance under load ---------------------------------------------------
