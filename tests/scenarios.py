@@ -20,6 +20,7 @@ SCENARIOS: dict[str, list[str]] = {
     ],
     "supervisord-two-gpus": ["org/m", "-n", "4", "--cuda-devices", "0,1", "--backend", "supervisord", "--user", "nobody",
                              "--env-file", "/etc/vfgen/secrets.env", *BINS],
+    "lora-two-models": ["-f", str(ROOT / "tests" / "fixtures" / "lora" / "scenario.yaml"), *BINS],
 }
 for example in sorted(EXAMPLES.glob("*.yaml")):
     SCENARIOS[f"example-{example.stem}"] = ["-f", str(example), *BINS]

@@ -581,7 +581,8 @@ def _lora_path(v: "_Validator", name: str, value: Any) -> str:
         return v.safe_path(name, text)
     if text.startswith((".", "~")) or os.path.exists(text):
         raise v.error(name, value, "is a relative path; give the absolute path (instances start in another directory)")
-    if not _HF_REPO.fullmatch(text):
+    # The Hub forbids '--' and '..' in ids; a '..' would also read as a relative path to vLLM.
+    if not _HF_REPO.fullmatch(text) or ".." in text or "--" in text:
         raise v.error(name, value, "must be an absolute local path or a Hugging Face repository id (org/name)")
     return text
 

@@ -101,6 +101,8 @@ address_text = st.one_of(
 user_text = st.one_of(field_text, st.from_regex(r"\A[a-z_][a-z0-9_-]{0,33}\Z"))
 env_key_text = st.one_of(field_text, st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,20}\Z"))
 path_text = st.one_of(field_text, st.lists(st.text(alphabet=NAMEISH, min_size=1, max_size=8), min_size=1, max_size=4).map(lambda p: "/" + "/".join(p)))
+# Adapter paths: mostly Hub ids (org/name), which need no file to exist, so they render.
+repo_id_text = st.one_of(field_text, st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,10}/[A-Za-z0-9._-]{1,10}\Z"))
 
 # --- the deployment around the fuzzed value -------------------------------------------------
 
@@ -252,6 +254,11 @@ CASES: dict[str, Case] = {
     "vfgen_bin": Case("vfgen_bin", _set(("vfgen_bin",)), "/zqx/vfgen"),
     "vllm_bin": Case("vllm_bin", _set(("vllm_bin",)), "/zqx/vllm"),
     "io_processor_plugin": Case("models[0].io_processor_plugin", _set(("models", 0, "io_processor_plugin")), "zqxplugin"),
+    # base_model_name makes vLLM's JSON spelling of --lora-modules, the form any name may take.
+    "lora_name": Case("models[0].lora_modules[0].name", _set(("models", 0, "lora_modules"), lambda v: [
+        {"name": v, "path": "org/zqx-adapter", "base_model_name": "first"}]), "zqxlora"),
+    "lora_path": Case("models[0].lora_modules[0].path", _set(("models", 0, "lora_modules"), lambda v: [
+        {"name": "zqxlora", "path": v, "base_model_name": "first"}]), "zqx/adapter"),
 }
 FIELD_NAMES = sorted(CASES)
 
@@ -303,7 +310,8 @@ EXAMPLES = 700
 def test_field_is_rejected_by_name_or_rendered_intact(name: str, workdir: Path, fuzz_counter) -> None:
     case = CASES[name]
     strategy = {"listen": address_text, "host": address_text, "upstream_host": address_text, "vfgen_bin": path_text,
-                "vllm_bin": path_text, "user": user_text, "env_key": env_key_text}.get(name, field_text)
+                "vllm_bin": path_text, "user": user_text, "env_key": env_key_text,
+                "lora_path": repo_id_text}.get(name, field_text)
 
     @fuzz_settings(EXAMPLES)
     @given(value=strategy)
