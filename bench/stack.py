@@ -249,10 +249,10 @@ class Stack:
 
     # --- dispatchers --------------------------------------------------------------
 
-    def render_vfgen(self, backends: Backends, port: int, *, affinity: bool) -> str:
+    def render_vfgen(self, backends: Backends, port: int, *, affinity: bool, extra_args: Sequence[str] = ()) -> str:
         argv = [self.vfgen_bin, "render", MODEL, "-n", str(BACKENDS), "--max-batch-size", str(backends.cap),
                 "--port", str(port), "--port-start", str(backends.ports[0]), "--name", "bench",
-                "--emit", "nginx"]
+                "--emit", "nginx", *extra_args]
         if affinity:
             argv.append("--enable-request-affinity")
         result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
@@ -261,10 +261,11 @@ class Stack:
         return result.stdout
 
     def nginx_dispatcher(self, name: str, backends: Backends, *, affinity: bool = False,
-                         round_robin: bool = False) -> Dispatcher:
-        """vfgen's rendered dispatcher (or its round-robin variant) under nginx with `worker_processes auto`."""
+                         round_robin: bool = False, extra_args: Sequence[str] = ()) -> Dispatcher:
+        """vfgen's rendered dispatcher (or its round-robin variant) under nginx with `worker_processes auto`.
+        `extra_args` go to `vfgen render` (e.g. --access-log json)."""
         port = free_port()
-        rendered = self.render_vfgen(backends, port, affinity=affinity)
+        rendered = self.render_vfgen(backends, port, affinity=affinity, extra_args=extra_args)
         if round_robin:
             rendered = round_robin_variant(rendered)
         conf_d = self.root / f"{name}.conf"

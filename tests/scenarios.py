@@ -22,5 +22,7 @@ SCENARIOS: dict[str, list[str]] = {
                              "--env-file", "/etc/vfgen/secrets.env", *BINS],
     "lora-two-models": ["-f", str(ROOT / "tests" / "fixtures" / "lora" / "scenario.yaml"), *BINS],
 }
+# Routing by model with the observability options on: JSON access log (and its UTF-8 maps), nginx exporter.
+SCENARIOS["observability"] = ["-f", str(EXAMPLES / "two-llms-one-gpu.yaml"), "--access-log", "json", "--nginx-exporter", *BINS]
 for example in sorted(EXAMPLES.glob("*.yaml")):
     SCENARIOS[f"example-{example.stem}"] = ["-f", str(example), *BINS]

@@ -109,6 +109,11 @@ _DEPLOYMENT_PARAMS = [
     ("max_loras", Optional[int], _OPTS(None, help="vLLM --max-loras: adapters in one batch (GPU slots). [default: vLLM's, 1]")),
     ("max_cpu_loras", Optional[int], _OPTS(None, help="vLLM --max-cpu-loras: adapters cached in CPU memory. [default: --max-loras]")),
     ("allow_runtime_lora_updating", bool, _OPTS(False, "--allow-runtime-lora-updating", help="Let `vfgen lora load/unload` change adapters on the (loopback-only) instances; nginx still refuses those calls.")),
+    ("access_log", Optional[str], _OPTS(None, help="nginx access log: default (nginx.conf's) or json (one object per request, backends tried, X-Request-Id). [default: default]")),
+    ("access_log_path", Optional[str], _OPTS(None, help="File of the JSON access log. [default: /var/log/nginx/NAME.access.json]")),
+    ("nginx_exporter", bool, _OPTS(False, "--nginx-exporter", help="Render a prometheus-nginx-exporter unit, nginx's loopback stub_status for it, and its scrape target.")),
+    ("nginx_exporter_port", Optional[int], _OPTS(None, help="Loopback port of the prometheus-nginx-exporter unit. [default: 9113]")),
+    ("nginx_status_port", Optional[int], _OPTS(None, help="Loopback port of nginx's stub_status for the exporter. [default: 9112]")),
 ]
 _GLOBAL_OPTIONS = {
     "name": "name", "port": "port", "port_start": "port_start", "host": "host", "listen": "listen",
@@ -117,8 +122,10 @@ _GLOBAL_OPTIONS = {
     "lock_dir": "lock_dir", "log_dir": "log_dir", "upstream_host": "upstream_hosts", "gpu_memory": "gpu_memory",
     "api_key_file": "api_key_file", "tls_certificate": "tls_certificate", "tls_certificate_key": "tls_certificate_key",
     "rate_limit": "rate_limit", "rate_limit_burst": "rate_limit_burst", "nginx_dir": "nginx_dir",
+    "access_log": "access_log", "access_log_path": "access_log_path", "nginx_exporter_port": "nginx_exporter_port",
+    "nginx_status_port": "nginx_status_port",
 }
-_GLOBAL_FLAGS = {"allow_runtime_lora_updating": "allow_runtime_lora_updating"}
+_GLOBAL_FLAGS = {"allow_runtime_lora_updating": "allow_runtime_lora_updating", "nginx_exporter": "nginx_exporter"}
 _TIMEOUT_OPTIONS = {"start_timeout": "start", "shutdown_timeout": "shutdown", "read_timeout": "read", "fail_timeout": "fail"}
 _MODEL_OPTIONS = {
     "instances": "instances", "max_batch_size": "max_batch_size", "gpu_memory_utilization": "gpu_memory_utilization",
@@ -208,7 +215,7 @@ def domain_errors(fn):
 @deployment_command
 def render(
     deployment,
-    emit: Optional[str] = typer.Option(None, help="Print one artefact to stdout: nginx, supervisord, prometheus, or a unit file name."),
+    emit: Optional[str] = typer.Option(None, help="Print one artefact to stdout: nginx, supervisord, prometheus, prometheus-rules, nginx-exporter, or a file name."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Write the tree (etc/systemd/system/..., etc/nginx/conf.d/...) under DIR, atomically.", file_okay=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be created or changed under --output-dir (default /) and write nothing."),
     only: str = typer.Option("all", help="all, backends (units only) or dispatcher (nginx only, e.g. on a load-balancer host)."),

@@ -15,6 +15,7 @@ from vfgen.render import Artefact, render_all
 from vfgen.tables import table_lines
 
 ONLY_CHOICES = ("all", "backends", "dispatcher")
+DISPATCHER_KINDS = ("nginx", "nginx-exporter")  # what a load-balancer host installs
 
 
 def make_plan(d: Deployment) -> Plan:
@@ -37,11 +38,12 @@ def select_artefacts(plan: Plan, only: str) -> list[Artefact]:
     if only not in ONLY_CHOICES:
         raise OutputError(f"--only={only!r}: must be one of {', '.join(ONLY_CHOICES)}")
     backend = plan.deployment.backend
-    arts = [a for a in render_all(plan, dispatcher=only != "backends") if a.kind in ("nginx", backend, "prometheus")]
+    kinds = ("nginx", "nginx-exporter", backend, "prometheus", "prometheus-rules")
+    arts = [a for a in render_all(plan, dispatcher=only != "backends") if a.kind in kinds]
     if only == "backends":
-        arts = [a for a in arts if a.kind != "nginx"]
+        arts = [a for a in arts if a.kind not in DISPATCHER_KINDS]
     elif only == "dispatcher":
-        arts = [a for a in arts if a.kind == "nginx"]
+        arts = [a for a in arts if a.kind in DISPATCHER_KINDS]
         if not arts:
             raise OutputError("--only=dispatcher: a single instance serves the user port itself; there is no nginx config")
     return arts

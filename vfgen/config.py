@@ -23,6 +23,7 @@ from vfgen.memory import DEFAULT_BUDGET as DEFAULT_MEMORY_BUDGET
 from vfgen.memory import parse_size
 from vfgen.quoting import CONTROL_CHARS as _CONTROL
 from vfgen.quoting import ENV_NAME as _ENV_KEY
+from vfgen.quoting import SURROGATES as _SURROGATE  # YAML "\ud800" escapes make them
 
 # Below 5% of a GPU an instance cannot hold even a small encoder plus its
 # activations on a 24 GB card; fail instead of starting processes that OOM.
@@ -33,6 +34,11 @@ DEFAULT_MAX_BODY_SIZE = "32m"
 
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 BACKENDS = ("systemd", "supervisord")
+# nginx access log: `default` leaves logging to nginx.conf; `json` writes one JSON object per request.
+ACCESS_LOGS = ("default", "json")
+# Debian's prometheus-nginx-exporter listens here by default; nginx's loopback stub_status next to it.
+DEFAULT_NGINX_EXPORTER_PORT = 9113
+DEFAULT_NGINX_STATUS_PORT = 9112
 
 # vLLM flags that vfgen computes itself; passing them as extra args would
 # silently desynchronise the units from nginx and the memory plan.
@@ -80,7 +86,6 @@ _LORA_TARGETS = {
     for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 }
 
-_SURROGATE = re.compile(r"[\ud800-\udfff]")  # YAML "\ud800" escapes make them; no file can be written with one
 _SLUG = re.compile(r"[a-z][a-z0-9-]{0,39}")
 USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")  # a system user name (useradd's default rule)
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
@@ -93,6 +98,8 @@ _API_KEY = re.compile(r"[!#%-\[\]-~]+")
 API_KEY_MIN_LENGTH = 16
 API_KEY_MAX_LENGTH = 512
 _NGINX_SIZE = re.compile(r"([0-9]{1,9})([kKmM]?)")
+# A Prometheus duration of one unit (what `for:` and range selectors take): 30s, 5m, 1h.
+_DURATION = re.compile(r"([1-9][0-9]{0,5})([smhd])")
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,21 @@ class LoraModule:
     @property
     def local(self) -> bool:
         return self.path.startswith("/")
+
+
+@dataclass(frozen=True)
+class Alerts:
+    """Thresholds of the rendered Prometheus alert rules (docs/observability.md)."""
+
+    instance_down_for: str = "2m"  # an instance's /metrics unanswered this long
+    model_down_for: str = "1m"  # every instance of a model down this long (critical)
+    dispatcher_down_for: str = "1m"  # nginx (or its exporter) down this long
+    queue_waiting: int = 0  # more requests than this waiting in an instance's vLLM queue ...
+    queue_for: str = "10m"  # ... without a break this long: the model needs more capacity
+    kv_cache_usage: float = 0.9  # KV cache fuller than this fraction ...
+    kv_cache_for: str = "15m"  # ... this long: requests get preempted and recomputed
+    restarts: int = 3  # this many restarts of one instance ...
+    restarts_window: str = "30m"  # ... within this window: it is crash-looping
 
 
 @dataclass(frozen=True)
@@ -183,6 +205,14 @@ class Deployment:
     # Instances of LoRA models get VLLM_ALLOW_RUNTIME_LORA_UPDATING: `vfgen lora load`
     # then changes every instance; nginx still refuses the endpoints (docs/lora.md).
     allow_runtime_lora_updating: bool = False
+    # Observability (docs/observability.md).
+    access_log: str = "default"
+    access_log_path: str | None = None  # None: /var/log/nginx/<name>.access.json
+    # Off by default: it adds a listener (nginx_status_port) to nginx, and needs the exporter package.
+    nginx_exporter: bool = False
+    nginx_exporter_port: int = DEFAULT_NGINX_EXPORTER_PORT
+    nginx_status_port: int = DEFAULT_NGINX_STATUS_PORT
+    alerts: Alerts = field(default_factory=Alerts)
     source: str | None = None
 
     @property
@@ -261,12 +291,19 @@ def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deplo
         allow_runtime_lora_updating=v.boolean("allow_runtime_lora_updating", data.get("allow_runtime_lora_updating", False)),
         source=source,
         **_edge(v, data),
+        **_observability(v, data),
     )
     if deployment.default_model is not None and deployment.default_model not in deployment.all_served_names:
         raise v.error("default_model", default_model, f"is not a served name (served: {', '.join(deployment.all_served_names)})")
     _check_single_host(v, deployment)
     _check_edge(v, deployment)
     _check_runtime_lora(v, deployment)
+    if deployment.single_instance and deployment.access_log != "default":
+        raise v.error("access_log", deployment.access_log,
+                      "needs the nginx dispatcher, but a single instance serves the port itself; use 2 or more instances")
+    if deployment.single_instance and deployment.nginx_exporter:
+        raise v.error("nginx_exporter", True,
+                      "needs the nginx dispatcher, but a single instance serves the port itself; use 2 or more instances")
     return deployment
 
 
@@ -300,6 +337,30 @@ def _edge(v: "_Validator", data: Mapping[str, Any]) -> dict[str, Any]:
             raise v.error("rate_limit_burst", data["rate_limit_burst"], f"needs {v.label('rate_limit')}")
         edge["rate_limit_burst"] = v.integer("rate_limit_burst", data["rate_limit_burst"], low=0, high=100000)
     return edge
+
+
+def _observability(v: "_Validator", data: Mapping[str, Any]) -> dict[str, Any]:
+    """Access log, nginx exporter and alert thresholds."""
+    alerts_raw = v.normalise(data.get("alerts") or {}, "alerts.", _ALERT_KEYS)
+    alerts: dict[str, Any] = {}
+    for key, val in alerts_raw.items():
+        name = f"alerts.{key}"
+        if key == "queue_waiting":
+            alerts[key] = v.integer(name, val, low=0, high=10**6)
+        elif key == "restarts":
+            alerts[key] = v.integer(name, val, low=1, high=1000)
+        elif key == "kv_cache_usage":
+            alerts[key] = v.fraction(name, val)
+        else:
+            alerts[key] = v.duration(name, val)
+    return {
+        "access_log": v.choice("access_log", data.get("access_log", "default"), ACCESS_LOGS),
+        "access_log_path": None if data.get("access_log_path") is None else v.safe_path("access_log_path", data["access_log_path"]),
+        "nginx_exporter": v.boolean("nginx_exporter", data.get("nginx_exporter", False)),
+        "nginx_exporter_port": v.port("nginx_exporter_port", data.get("nginx_exporter_port", DEFAULT_NGINX_EXPORTER_PORT)),
+        "nginx_status_port": v.port("nginx_status_port", data.get("nginx_status_port", DEFAULT_NGINX_STATUS_PORT)),
+        "alerts": Alerts(**alerts),
+    }
 
 
 def _check_single_host(v: "_Validator", d: Deployment) -> None:
@@ -408,7 +469,9 @@ _GLOBAL_KEYS = {
     "timeouts", "lock_dir", "log_dir", "default_model", "gpu_memory",
     "nginx_dir", "api_key_file", "tls_certificate", "tls_certificate_key", "rate_limit", "rate_limit_burst",
     "allow_runtime_lora_updating",
+    "access_log", "access_log_path", "nginx_exporter", "nginx_exporter_port", "nginx_status_port", "alerts",
 }
+_ALERT_KEYS = set(Alerts.__dataclass_fields__)
 _TIMEOUT_KEYS = {"start", "shutdown", "read", "connect", "fail"}
 _MODEL_KEYS = {
     "model", "name", "served_model_name", "aliases", "instances", "gpus", "tensor_parallel_size",
@@ -799,6 +862,12 @@ class _Validator:
         if not _NGINX_SIZE.fullmatch(text) or int(_NGINX_SIZE.fullmatch(text).group(1)) == 0:
             raise self.error(name, value, "must be a size like 512k, 32m or 1048576")
         return text.lower()
+
+    def duration(self, name: str, value: Any) -> str:
+        text = self.text(name, value)
+        if not _DURATION.fullmatch(text):
+            raise self.error(name, value, "must be a Prometheus duration: a whole number and one unit of s, m, h or d (30s, 5m, 1h)")
+        return text
 
     def size(self, name: str, value: Any) -> int:
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from vfgen.config import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, Deployment, ModelSpec
+from vfgen.config import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, Alerts, Deployment, ModelSpec
 from vfgen.errors import PlanError
 
 
@@ -75,6 +75,30 @@ class Pool:
 
 
 @dataclass(frozen=True)
+class Exporter:
+    """Debian's prometheus-nginx-exporter reading the dispatcher's stub_status, all on loopback."""
+
+    unit: str  # systemd unit name
+    status_listen: str  # nginx's loopback-only stub_status server
+    scrape_uri: str  # -nginx.scrape-uri
+    listen: str  # -web.listen-address
+    target: str  # host:port Prometheus scrapes
+
+
+@dataclass(frozen=True)
+class Monitoring:
+    """Everything Prometheus and the nginx access log need, as plain data."""
+
+    alerts: Alerts  # thresholds, validated by config
+    rules_path: str  # relative to the output root
+    targets_path: str
+    group: str  # rule group name
+    exporter: Exporter | None  # None without a dispatcher or without nginx_exporter
+    access_log_path: str | None  # None: nginx.conf's access log (the `default` format)
+    log_format: str  # nginx log_format name of the JSON log
+
+
+@dataclass(frozen=True)
 class GpuUsage:
     gpu: str
     instances: tuple[str, ...]
@@ -107,6 +131,7 @@ class Plan:
     target: str  # systemd target grouping every instance
     nginx_prefix: str  # prefix of nginx variables, which allow only [A-Za-z0-9_]
     stop_timeout: int  # TimeoutStopSec / stopwaitsecs: vLLM's drain time plus a margin to exit
+    monitoring: Monitoring
     memory: tuple[MemoryFit, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -176,8 +201,40 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
         target=f"{d.name}.target",
         nginx_prefix="vfgen_" + d.name.replace("-", "_"),
         stop_timeout=d.timeouts.shutdown + 15,
+        monitoring=_monitoring(d, single, ports),
         memory=memory,
         warnings=warnings,
+    )
+
+
+def _monitoring(d: Deployment, single: bool, ports: list[int]) -> Monitoring:
+    exporter = None
+    if d.nginx_exporter and not single:
+        # Loopback only, whatever `listen` is: Prometheus runs on the host it watches, and
+        # no TLS, API key or rate limit of the client-facing server gets in the way.
+        status, port = d.nginx_status_port, d.nginx_exporter_port
+        for name, value in (("nginx_status_port", status), ("nginx_exporter_port", port)):
+            if value == d.port:
+                raise PlanError(f"{name}={value} is the dispatcher's port; choose another")
+            if not d.upstream_hosts and value in ports:
+                raise PlanError(f"{name}={value} lies inside the backend port range {ports[0]}-{ports[-1]}; choose another")
+        if status == port:
+            raise PlanError(f"nginx_status_port={status} is also nginx_exporter_port; choose two ports")
+        exporter = Exporter(
+            unit=f"{d.name}-nginx-exporter.service",
+            status_listen=f"127.0.0.1:{status}",
+            scrape_uri=f"http://127.0.0.1:{status}/stub_status",
+            listen=f"127.0.0.1:{port}",
+            target=f"127.0.0.1:{port}",
+        )
+    return Monitoring(
+        alerts=d.alerts,
+        rules_path=f"etc/prometheus/rules/{d.name}.yml",
+        targets_path=f"etc/prometheus/file_sd/{d.name}.json",
+        group=f"vfgen-{d.name}",
+        exporter=exporter,
+        access_log_path=(d.access_log_path or f"/var/log/nginx/{d.name}.access.json") if d.access_log == "json" else None,
+        log_format="vfgen_" + d.name.replace("-", "_") + "_json",
     )
 
 

@@ -14,6 +14,7 @@ from typing import Iterable
 
 # Shared with config.py and launch.py, so validation and quoting agree on what they refuse.
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+SURROGATES = re.compile(r"[\ud800-\udfff]")  # lone surrogates: no UTF-8 file can hold one
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -158,3 +159,28 @@ def supervisor_word(value: object) -> str:
 
 def supervisor_command(argv: Iterable[object]) -> str:
     return " ".join(supervisor_word(a) for a in argv)
+
+
+# --- Prometheus (YAML rule files, PromQL) ---------------------------------------
+# Every scalar of a rendered YAML file is a double-quoted YAML string written by
+# yaml_str: a JSON string is a valid YAML double-quoted scalar, so no value can
+# start a new key, list item, anchor, tag or document. PromQL string literals
+# take Go's escapes; promql_str makes one, and yaml_str then carries the whole
+# expression.
+
+
+def yaml_str(value: object) -> str:
+    """A double-quoted YAML scalar whose content is exactly `value` (ASCII-only output)."""
+    if isinstance(value, bool) or value is None:
+        raise QuotingError(f"YAML string: {value!r} is not text")
+    text = str(value)
+    if SURROGATES.search(text):
+        raise QuotingError(f"YAML string: lone surrogate in {text!r}")
+    return json.dumps(text, ensure_ascii=True)
+
+
+
+def promql_str(value: object) -> str:
+    """A double-quoted PromQL string literal (a label matcher value) matching `value` exactly."""
+    text = _refuse_control(str(value), "PromQL string")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

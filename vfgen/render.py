@@ -25,11 +25,20 @@ SHAPE_FIELDS = ("text", "input", "prompt", "content", "query")
 SHAPE_PASSES = 3
 # Matches an unescaped "model" key and captures its string value, escapes included.
 MODEL_FIELD_REGEX = r'~(?s)"model"\s*:\s*"(?<{name}>(?:[^"\\]|\\.)*)"'
+# Debian's prometheus-nginx-exporter package installs it here.
+NGINX_EXPORTER_BIN = "/usr/bin/prometheus-nginx-exporter"
+# Whole-string UTF-8 validity (RFC 3629, no surrogates or overlongs), byte by byte: nginx's
+# escape=json passes bytes >= 0x80 through unchanged, so a client value logged as it came
+# could make the line invalid UTF-8.
+VALID_UTF8_REGEX = (
+    r"~^(?:[\x00-\x7f]|[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]{2}"
+    r"|\xed[\x80-\x9f][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}|\xf4[\x80-\x8f][\x80-\xbf]{2})*$"
+)
 
 
 @dataclass(frozen=True)
 class Artefact:
-    kind: str  # nginx | systemd | supervisord | prometheus
+    kind: str  # nginx | nginx-exporter | systemd | supervisord | prometheus | prometheus-rules
     path: str  # relative to the output root, e.g. etc/nginx/conf.d/vllm.conf
     content: str
     mode: int = 0o644
@@ -67,6 +76,7 @@ def environment() -> jinja2.Environment:
         systemd_exec=quoting.systemd_exec,
         systemd_env=quoting.systemd_env,
         supervisor_command=quoting.supervisor_command,
+        yaml_str=quoting.yaml_str,
         rstrip=str.rstrip,
     )
     return env
@@ -101,15 +111,19 @@ def render_all(plan: Plan, dispatcher: bool = True) -> list[Artefact]:
     """
     d = plan.deployment
     out: list[Artefact] = []
+    mon = plan.monitoring
     if plan.dispatcher and dispatcher:
         out.append(Artefact("nginx", nginx_conf_path(d).lstrip("/"), render_nginx(plan)))
         if d.api_key_file:
             out.append(Artefact("nginx", api_keys_path(d).lstrip("/"), render_api_keys(d), mode=0o600))
+        if mon.exporter is not None:
+            out.append(Artefact("nginx-exporter", f"etc/systemd/system/{mon.exporter.unit}", render_nginx_exporter(plan)))
     for inst in plan.instances:
         out.append(Artefact("systemd", f"etc/systemd/system/{inst.unit}", render_unit(plan, inst)))
     out.append(Artefact("systemd", f"etc/systemd/system/{plan.target}", render_template("systemd/deployment.target.j2", d=d, plan=plan)))
     out.append(Artefact("supervisord", f"etc/supervisor/conf.d/{d.name}.conf", render_supervisord(plan)))
-    out.append(Artefact("prometheus", f"etc/prometheus/file_sd/{d.name}.json", render_prometheus(plan)))
+    out.append(Artefact("prometheus", mon.targets_path, render_prometheus(plan, dispatcher=dispatcher)))
+    out.append(Artefact("prometheus-rules", mon.rules_path, render_prometheus_rules(plan)))
     return out
 
 
@@ -223,8 +237,11 @@ def render_nginx(plan: Plan) -> str:
         plain_errors=plain_errors,
         models_json=models_json,
         shape_maps=shape_maps,
+        valid_utf8=VALID_UTF8_REGEX,
         api_keys_map=api_keys_path(d) if d.api_key_file else None,
         lora=any(pool.lora for pool in plan.pools),
+        mon=plan.monitoring,
+        log_fields=_log_fields(plan),
     )
 
 
@@ -278,12 +295,55 @@ def render_supervisord(plan: Plan) -> str:
     )
 
 
-def render_prometheus(plan: Plan) -> str:
+# --- observability -----------------------------------------------------------------
+# The JSON access log: one object per request. Values nginx takes from the
+# client are carried only through `valid UTF-8` maps (see the template), so
+# escape=json output is always valid JSON in UTF-8.
+
+
+def _log_fields(plan: Plan) -> list[tuple[str, str]]:
+    p = plan.nginx_prefix
+    fields = [
+        ("time", "$time_iso8601"),
+        ("request_id", "$request_id"),
+        ("remote_addr", "$remote_addr"),
+        ("method", "$request_method"),
+        ("uri", f"${p}_log_uri"),
+        ("user_agent", f"${p}_log_user_agent"),
+        ("route", f"${p}_route"),
+    ]
+    if plan.route_by_model:
+        fields.append(("model", f"${p}_log_model"))
+    fields += [
+        ("status", "$status"),
+        ("bytes_sent", "$bytes_sent"),
+        ("body_bytes_sent", "$body_bytes_sent"),
+        ("request_length", "$request_length"),
+        ("request_time", "$request_time"),
+        # Every backend tried, in order ("a, b" after a retry), with each one's status and time.
+        ("upstream_addr", "$upstream_addr"),
+        ("upstream_status", "$upstream_status"),
+        ("upstream_connect_time", "$upstream_connect_time"),
+        ("upstream_response_time", "$upstream_response_time"),
+    ]
+    return fields
+
+
+def render_nginx_exporter(plan: Plan) -> str:
+    exporter = plan.monitoring.exporter
+    # No const labels: the targets file gives the deployment label (a scraped one would clash with it).
+    argv = [NGINX_EXPORTER_BIN, f"-nginx.scrape-uri={exporter.scrape_uri}", f"-web.listen-address={exporter.listen}"]
+    return render_template("systemd/nginx-exporter.service.j2", d=plan.deployment, plan=plan, exporter=exporter, argv=argv)
+
+
+def render_prometheus(plan: Plan, dispatcher: bool = True) -> str:
+    d = plan.deployment
     targets = [
         {
             "targets": [inst.url.split("://", 1)[1]],
             "labels": {
-                "deployment": plan.deployment.name,
+                "deployment": d.name,
+                "component": "vllm",
                 "model": inst.served_name,
                 "instance_name": inst.name,
                 "gpu": ",".join(inst.gpus),
@@ -291,4 +351,101 @@ def render_prometheus(plan: Plan) -> str:
         }
         for inst in plan.instances
     ]
+    exporter = plan.monitoring.exporter
+    if exporter is not None and dispatcher:
+        targets.append({
+            "targets": [exporter.target],
+            "labels": {"deployment": d.name, "component": "dispatcher", "instance_name": f"{d.name}-dispatcher"},
+        })
     return render_template("prometheus/targets.json.j2", targets=targets)
+
+
+def render_prometheus_rules(plan: Plan) -> str:
+    mon = plan.monitoring
+    a = mon.alerts
+    deployment = quoting.promql_str(plan.deployment.name)
+    vllm = f"deployment={deployment}, component=\"vllm\""
+    nginx = f"deployment={deployment}, component=\"dispatcher\""
+    unit = "{{ $labels.instance_name }}.service"
+    rules = [
+        {
+            "alert": "VfgenInstanceDown",
+            "expr": f"up{{{vllm}}} == 0",
+            "for": a.instance_down_for,
+            "severity": "warning",
+            "summary": "vLLM instance {{ $labels.instance_name }} (model {{ $labels.model }}, GPU {{ $labels.gpu }}) is down",
+            "description": (
+                "Prometheus cannot read {{ $labels.instance }}/metrics; nginx sends its requests to the other "
+                f"instances. Look at: systemctl status {unit}; journalctl -u {unit} (supervisord: "
+                "supervisorctl status {{ $labels.deployment }}:{{ $labels.instance_name }} and its log)."
+            ),
+        },
+        {
+            "alert": "VfgenModelDown",
+            # One alert per instance, only while no instance of the same model is up.
+            "expr": f"(up{{{vllm}}} == 0) unless on (deployment, model) (up{{{vllm}}} == 1)",
+            "for": a.model_down_for,
+            "severity": "critical",
+            "summary": "every instance of model {{ $labels.model }} is down",
+            "description": (
+                "Clients asking for {{ $labels.model }} get 503. Look at: systemctl status "
+                "{{ $labels.deployment }}.target and the journal of each instance (journalctl -u "
+                f"{unit}); a GPU fault or a bad model upgrade takes all instances at once."
+            ),
+        },
+        {
+            "alert": "VfgenQueueLong",
+            "expr": f"vllm:num_requests_waiting{{{vllm}}} > {a.queue_waiting}",
+            "for": a.queue_for,
+            "severity": "warning",
+            "summary": "requests wait in the queue of {{ $labels.instance_name }} (model {{ $labels.model }})",
+            "description": (
+                f"vLLM's scheduler queue has held more than {a.queue_waiting} waiting request(s) for {a.queue_for} "
+                "({{ $value }} now): the model gets more traffic than its instances serve. Look at: "
+                "vllm:num_requests_running and vllm:e2e_request_latency_seconds of the model's instances; "
+                "add instances, or raise max_batch_size if the KV cache has room."
+            ),
+        },
+        {
+            "alert": "VfgenKvCacheHigh",
+            "expr": f"vllm:kv_cache_usage_perc{{{vllm}}} > {_number(a.kv_cache_usage)}",
+            "for": a.kv_cache_for,
+            "severity": "warning",
+            "summary": "KV cache of {{ $labels.instance_name }} (model {{ $labels.model }}) is {{ $value | humanizePercentage }} full",
+            "description": (
+                f"The KV cache has stayed above {_number(a.kv_cache_usage)} for {a.kv_cache_for}: vLLM preempts "
+                "and recomputes requests. Look at: rate(vllm:num_preemptions_total[5m]); lower max_batch_size "
+                "or max_model_len, or give the instance a larger gpu_memory_utilization share."
+            ),
+        },
+        {
+            "alert": "VfgenInstanceRestarting",
+            "expr": f"changes(process_start_time_seconds{{{vllm}}}[{a.restarts_window}]) >= {a.restarts}",
+            "for": None,
+            "severity": "warning",
+            "summary": "vLLM instance {{ $labels.instance_name }} (model {{ $labels.model }}) restarted {{ $value }} times in "
+                       + a.restarts_window,
+            "description": (
+                f"It is crash-looping. Look at: journalctl -u {unit} for the exit reason (out of memory, CUDA "
+                f"error, a failed health wait) and systemctl show -p NRestarts {unit}."
+            ),
+        },
+    ]
+    if mon.exporter is not None:
+        rules.append({
+            "alert": "VfgenDispatcherDown",
+            # nginx_up is 0 when the exporter cannot read stub_status; up is 0 when the exporter itself is gone.
+            "expr": f"(nginx_up{{{nginx}}} == 0) or (up{{{nginx}}} == 0)",
+            "for": a.dispatcher_down_for,
+            "severity": "critical",
+            "summary": "the nginx dispatcher of deployment {{ $labels.deployment }} is down",
+            "description": (
+                "No client request reaches any model. Look at: systemctl status nginx; nginx -t; the nginx error "
+                f"log; systemctl status {mon.exporter.unit} (the exporter that reads its /nginx_status)."
+            ),
+        })
+    return render_template("prometheus/rules.yml.j2", d=plan.deployment, group=mon.group, rules=rules)
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"

@@ -264,3 +264,10 @@ def json_or_none(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return None
+
+
+def yaml_document(text: str) -> Any:
+    """A YAML file (the Prometheus rules) as plain data, the way Prometheus's YAML parser reads it."""
+    import yaml
+
+    return yaml.safe_load(text)

@@ -167,7 +167,7 @@ def render_parsed(raw: dict[str, Any], scratch: Path, *, cli: dict[str, Any] | N
         # Paths that come from input stay inside any output root.
         assert not os.path.isabs(art.path) and ".." not in art.path.split("/"), art.path
         assert str(resolve_inside(scratch, art.path)).startswith(str(scratch.resolve())), art.path
-        key = "keys" if art.secret else art.kind if art.kind != "systemd" else art.name
+        key = "keys" if art.secret else art.kind if art.kind not in ("systemd", "nginx-exporter") else art.name
         texts[key] = art.content
         if reference is not None and reference.texts.get(key) == art.content:
             files[key] = reference.files[key]
@@ -178,12 +178,14 @@ def render_parsed(raw: dict[str, Any], scratch: Path, *, cli: dict[str, Any] | N
         elif art.kind == "nginx":
             assert art.mode & 0o004, "the dispatcher conf is meant to be world-readable"
             files["nginx"] = parsers.parse_nginx_text(art.content, scratch / "dispatcher.conf")
-        elif art.kind == "systemd":
+        elif art.kind in ("systemd", "nginx-exporter"):
             files[art.name] = parsers.parse_unit(art.content)
         elif art.kind == "supervisord":
             files["supervisord"] = parsers.parse_supervisord(art.content, scratch, known_users=known_users)
         elif art.kind == "prometheus":
             files["prometheus"] = parsers.json_or_none(art.content)
+        elif art.kind == "prometheus-rules":
+            files["prometheus-rules"] = parsers.yaml_document(art.content)
         else:
             raise AssertionError(f"unexpected artefact {art.path}")
     return Rendered(deployment, plan, files, texts)
@@ -353,18 +355,20 @@ def _benign_extra_args(workdir: Path, count: int) -> Rendered:
     return render_parsed(raw, scratch)
 
 
-# --- the edge: TLS paths, rate limit, API key file path and content, nginx_dir ----------------
+# --- the edge: TLS paths, rate limit, API key file path and content, nginx_dir, access log path --
 
 
 def edge_extra(workdir: Path) -> dict[str, Any]:
     return {"api_key_file": str(workdir / "benign-keys"), "rate_limit": "17r/s", "rate_limit_burst": 5,
-            "tls_certificate": "/zqx/cert.pem", "tls_certificate_key": "/zqx/cert.key", "nginx_dir": "/zqxnginx"}
+            "tls_certificate": "/zqx/cert.pem", "tls_certificate_key": "/zqx/cert.key", "nginx_dir": "/zqxnginx",
+            "access_log": "json", "access_log_path": "/zqx/access.json", "nginx_exporter": True}
 
 
 EDGE_CASES = {
     "tls_certificate": Case("tls_certificate", _set(("tls_certificate",)), "/zqx/cert.pem"),
     "tls_certificate_key": Case("tls_certificate_key", _set(("tls_certificate_key",)), "/zqx/cert.key"),
     "rate_limit": Case("rate_limit", _set(("rate_limit",)), "17r/s"),
+    "access_log_path": Case("access_log_path", _set(("access_log_path",)), "/zqx/access.json"),
     "nginx_dir": Case("nginx_dir", _set(("nginx_dir",)), "/zqxnginx",
                       subst=lambda v, d: {"/zqxnginx": Subst(d.nginx_dir.rstrip("/"))}),
 }

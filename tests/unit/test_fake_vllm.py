@@ -218,9 +218,54 @@ def test_metrics_are_prometheus_text(procs, tmp_path):
     _, port = start(procs, tmp_path)
     requests.post(url(port, "/v1/completions"), json={"prompt": "x"}, timeout=5)
     text = requests.get(url(port, "/metrics"), timeout=5).text
-    assert f'vllm:num_requests_running{{model_name="{MODEL}"}} 0.0' in text
-    assert f'vllm:num_requests_waiting{{model_name="{MODEL}"}} 0.0' in text
-    assert f'vllm:request_success_total{{model_name="{MODEL}"}} 1.0' in text
+    assert f'vllm:num_requests_running{{engine="0",model_name="{MODEL}"}} 0.0' in text
+    assert f'vllm:num_requests_waiting{{engine="0",model_name="{MODEL}"}} 0.0' in text
+    assert f'vllm:request_success_total{{finished_reason="length",engine="0",model_name="{MODEL}"}} 1.0' in text
+
+
+REAL_METRICS = REPO_ROOT / "tests/fixtures/vllm-metrics/vllm-0.32.0-cpu.txt"
+
+
+def metric_families(text: str) -> dict[str, tuple[str, frozenset[str]]]:
+    """{family: (type, label names of its samples)} of a Prometheus text exposition."""
+    import re
+
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    labels: dict[str, set[str]] = {}
+    for name, body in re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*?)\})? \S+$", text, re.M):
+        labels.setdefault(name, set()).update(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="', body))
+    return {name: (kind, frozenset(labels.get(name, ()))) for name, kind in types.items()}
+
+
+def test_metrics_match_the_real_vllm_names_types_and_labels(procs, tmp_path):
+    """Every family the stand-in exports (its own fake_vllm:* aside) exists in what the real
+    vLLM 0.32 CPU build exported (saved from a run), with the same type and label names."""
+    _, port = start(procs, tmp_path, "--max-num-seqs", "4", "--fake-latency", "0.5")
+    real = metric_families(REAL_METRICS.read_text())
+    client = threading.Thread(target=lambda: requests.post(url(port, "/v1/completions"), json={"prompt": "x"}, timeout=5))
+    client.start()
+    time.sleep(0.2)
+    text = requests.get(url(port, "/metrics"), timeout=5).text
+    client.join()
+    fake = {k: v for k, v in metric_families(text).items() if not k.startswith("fake_vllm:")}
+    assert {"vllm:kv_cache_usage_perc", "vllm:num_requests_waiting", "process_start_time_seconds"} <= set(fake)
+    for name, (kind, label_names) in fake.items():
+        assert name in real, f"{name} is not a metric of the real vLLM"
+        assert real[name] == (kind, label_names), (name, real[name], (kind, label_names))
+    # One request of 4 slots in flight.
+    assert f'vllm:kv_cache_usage_perc{{engine="0",model_name="{MODEL}"}} 0.25' in text
+
+
+def test_hold_file_keeps_a_start_from_listening_until_removed(procs, tmp_path):
+    hold = tmp_path / "hold"
+    hold.touch()
+    proc, port = start(procs, tmp_path, "--fake-hold-file", str(hold), wait=False)
+    time.sleep(0.5)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url(port, "/health"), timeout=1)
+    assert proc.poll() is None
+    hold.unlink()
+    wait_healthy(port, proc)
 
 
 # --------------------------------------------------------------------------- HTTP/1.1 details
@@ -311,7 +356,7 @@ def test_max_num_seqs_caps_service_and_queues_the_rest(procs, tmp_path):
         metrics = requests.get(url(port, "/metrics"), timeout=2).text
         codes = [f.result(timeout=20) for f in futures]
     assert codes == [200] * 20
-    assert f'vllm:num_requests_running{{model_name="{MODEL}"}} 4.0' in metrics
+    assert f'vllm:num_requests_running{{engine="0",model_name="{MODEL}"}} 4.0' in metrics
     stats = requests.get(url(port, "/fake/stats"), timeout=5).json()
     assert stats["max_in_flight"] == 4
     assert stats["max_queued"] > 0

@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable, Coroutine, Optional, Union
 
 VLLM_VERSION = "0.32.0"
+STARTED_AT = time.time()
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 ARRIVALS_KEPT = 10000
 EMBEDDING_SIZE = 16
@@ -45,6 +46,9 @@ _STAND_IN_FLAGS: list[tuple[str, str, str, Any]] = [
     ("--fake-chunk-interval", "VFGEN_FAKE_CHUNK_INTERVAL", "seconds", 0.0),
     ("--fake-event-log", "VFGEN_FAKE_EVENT_LOG", "path", None),
     ("--fake-fail-rate", "VFGEN_FAKE_FAIL_RATE", "fraction", 0.0),
+    # While this file exists, a starting stand-in waits before it listens: tests keep a
+    # killed instance down for as long as they need, then let it come back.
+    ("--fake-hold-file", "VFGEN_FAKE_HOLD_FILE", "path", None),
 ]
 
 # Real vLLM flags that change nothing here but must be accepted.
@@ -760,8 +764,18 @@ class FakeVllm:
         return self.respond(req, 200, f"Success: LoRA adapter '{name}' removed successfully.".encode(), None)
 
     def metrics(self, req: Request, conn: HttpConnection) -> bytes:
-        label = '{model_name="%s"}' % self.name.replace("\\", "\\\\").replace('"', '\\"')
+        # The names, types and labels vLLM 0.32 exports (tests/fixtures/vllm-metrics/).
+        label = '{engine="0",model_name="%s"}' % self.name.replace("\\", "\\\\").replace('"', '\\"')
+        # A stand-in for KV cache use: the share of the batch slots in use.
+        success_label = label.replace("{", '{finished_reason="length",', 1)
+        kv_usage = min(1.0, self.scheduler.in_flight / self.scheduler.capacity)
         lines = [
+            "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.",
+            "# TYPE process_start_time_seconds gauge",
+            f"process_start_time_seconds {STARTED_AT:.2f}",
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f"vllm:kv_cache_usage_perc{label} {kv_usage}",
             "# HELP vllm:num_requests_running Number of requests in model execution batches.",
             "# TYPE vllm:num_requests_running gauge",
             f"vllm:num_requests_running{label} {float(self.scheduler.in_flight)}",
@@ -770,7 +784,8 @@ class FakeVllm:
             f"vllm:num_requests_waiting{label} {float(self.scheduler.queued)}",
             "# HELP vllm:request_success_total Count of successfully processed requests.",
             "# TYPE vllm:request_success_total counter",
-            f"vllm:request_success_total{label} {float(self.completed)}",
+            # The stand-in stops every generation at max_tokens.
+            f"vllm:request_success_total{success_label} {float(self.completed)}",
             "# HELP fake_vllm:requests_total Inference requests received (stand-in only).",
             "# TYPE fake_vllm:requests_total counter",
             f"fake_vllm:requests_total{label} {float(self.requests)}",
@@ -830,6 +845,7 @@ class FakeVllm:
         self.arrivals.append({
             "seq": self.arrival_seq, "t": time.time(), "path": req.path,
             "model": model, "key": req.headers.get("x-test-key"),
+            "request_id": req.headers.get("x-request-id"),
         })
 
     async def _serve(self, req: Request, conn: HttpConnection, kind: str, payload: dict, stream: bool) -> bool:
@@ -1017,6 +1033,16 @@ async def _wait(future: asyncio.Future, seconds: float) -> bool:
         return False
 
 
+async def _hold(future: asyncio.Future, path: str) -> bool:
+    """Wait while `path` exists unless `future` finishes first; True if it did."""
+    if os.path.exists(path):
+        log(f"holding: not listening while {path} exists")
+    while os.path.exists(path):
+        if await _wait(future, 0.1):
+            return True
+    return False
+
+
 async def serve(opts: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     try:
@@ -1032,6 +1058,8 @@ async def serve(opts: argparse.Namespace) -> int:
         f"shutdown_timeout={opts.shutdown_timeout:g}")
     code = 0
     if opts.fake_startup_delay and await _wait(app.stopped, opts.fake_startup_delay):
+        code = app.stopped.result()
+    elif opts.fake_hold_file and await _hold(app.stopped, opts.fake_hold_file):
         code = app.stopped.result()
     else:
         host = opts.host if opts.host is not None else "0.0.0.0"
