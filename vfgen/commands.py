@@ -164,7 +164,8 @@ def plan_json(plan: Plan) -> dict:
         "pools": [
             {"model": p.model, "upstream": p.upstream, "servers": list(p.servers), "cap": p.cap, "served_names": list(p.served_names),
              "adapters": [{"name": a.name, "root": a.path, "parent": a.parent} for a in p.adapters],
-             "route_names": list(p.route_names)}
+             "route_names": list(p.route_names),
+             "last_resort_upstream": p.last_resort_upstream}
             for p in plan.pools
         ],
     }

@@ -62,6 +62,10 @@ class Pool:
     servers: tuple[str, ...]  # host:port, one per backend instance
     cap: int  # max_conns per server = the model's max batch size
     overflow_cap: int | None  # max_conns of backup entries; None = no cap; 0 = no backup entries
+    backup_max_fails: int  # max_fails of the backup entries (0: never marked failed)
+    # Every backend once, never marked failed (max_fails=0), tried when the pool has no live
+    # server; None in bounded mode (--max-queue), where its own max_conns counters would break the bound.
+    last_resort_upstream: str | None
     served_names: tuple[str, ...]
     source: str
     keepalive: int  # idle connections each nginx worker keeps to this pool
@@ -431,6 +435,12 @@ def _pool(d: Deployment, m: ModelSpec, instances: list[Instance]) -> Pool:
         servers=servers,
         cap=m.max_batch_size,
         overflow_cap=d.max_queue,
+        # Bounded overflow has no last-resort pool, so its capped backups must stay usable after
+        # an outage marked every server failed: they are never marked failed, and a dead backend
+        # costs an overflow request one refused connect (docs/operations.md, Recovery).
+        backup_max_fails=1 if d.max_queue is None else 0,
+        # '_' cannot occur in a model key or deployment name, so this never names another pool.
+        last_resort_upstream=f"{upstream}_last_resort" if d.max_queue is None else None,
         served_names=m.served_names,
         source=m.source,
         # Enough idle connections to reuse one per in-flight request; capped so a

@@ -242,6 +242,7 @@ def render_nginx(plan: Plan) -> str:
         lora=any(pool.lora for pool in plan.pools),
         mon=plan.monitoring,
         log_fields=_log_fields(plan),
+        last_resort_after_overflow=any(pool.affinity_upstream and pool.last_resort_upstream for pool in plan.pools),
     )
 
 

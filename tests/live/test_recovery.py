@@ -111,6 +111,9 @@ def test_all_back_at_once_then_burst_then_kill(live_deploy):
     result = load.result()
     print(f"kill -9 of {victim.program} during a 200-request burst: {result.summary()}")
     assert len(result.replies) == 200 and not result.failed, _failures(result)
+    cut = [line for line in d.nginx_error_log().splitlines()
+           if "prematurely closed" in line and f"127.0.0.1:{victim.port}/" in line]
+    assert cut, "the kill interrupted no in-flight request, so it proved nothing"
 
 
 def test_backends_come_back_one_at_a_time(live_deploy):
