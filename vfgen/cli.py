@@ -89,7 +89,8 @@ _DEPLOYMENT_PARAMS = [
     ("env", Optional[List[str]], _OPTS(None, "--env", "-e", help="KEY=VALUE for every instance (repeatable). Lands in the unit or conf file: no secrets.")),
     ("env_file", Optional[str], _OPTS(None, help="KEY=VALUE file read when an instance starts, for secrets such as HF_TOKEN; keep it mode 0600.")),
     ("backend", Optional[str], _OPTS(None, help="Process manager: systemd or supervisord. [default: systemd]")),
-    ("start_timeout", Optional[int], _OPTS(None, help="Seconds an instance may take to become healthy. [default: 900]")),
+    ("start_timeout", Optional[int], _OPTS(None, help="Seconds an instance may take to become healthy, counted once it holds its GPU start lock. [default: 900]")),
+    ("lock_timeout", Optional[int], _OPTS(None, help="Seconds an instance may wait for its GPU start lock. [default: (instances sharing its GPUs - 1) x (start timeout + 30)]")),
     ("shutdown_timeout", Optional[int], _OPTS(None, help="vLLM --shutdown-timeout: seconds in-flight requests get on stop. [default: 30]")),
     ("read_timeout", Optional[int], _OPTS(None, help="nginx proxy_read_timeout in seconds. [default: 3600]")),
     ("fail_timeout", Optional[int], _OPTS(None, help="Seconds nginx skips a failed backend. [default: 5]")),
@@ -126,7 +127,8 @@ _GLOBAL_OPTIONS = {
     "nginx_status_port": "nginx_status_port",
 }
 _GLOBAL_FLAGS = {"allow_runtime_lora_updating": "allow_runtime_lora_updating", "nginx_exporter": "nginx_exporter"}
-_TIMEOUT_OPTIONS = {"start_timeout": "start", "shutdown_timeout": "shutdown", "read_timeout": "read", "fail_timeout": "fail"}
+_TIMEOUT_OPTIONS = {"start_timeout": "start", "shutdown_timeout": "shutdown", "read_timeout": "read", "fail_timeout": "fail",
+                    "lock_timeout": "lock"}
 _MODEL_OPTIONS = {
     "instances": "instances", "max_batch_size": "max_batch_size", "gpu_memory_utilization": "gpu_memory_utilization",
     "cuda_devices": "gpus", "tensor_parallel_size": "tensor_parallel_size", "dtype": "dtype",

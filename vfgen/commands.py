@@ -101,9 +101,10 @@ def render(d: Deployment, *, emit: str | None, output_dir: Path | None, dry_run:
 
 
 def plan_table(plan: Plan) -> str:
-    rows = [("INSTANCE", "MODEL", "GPU", "PORT", "SHARE", "START", "AFTER")]
+    rows = [("INSTANCE", "MODEL", "GPU", "PORT", "SHARE", "START", "AFTER", "LOCK WAIT", "START TIMEOUT", "UNIT TIMEOUT")]
     for i in plan.instances:
-        rows.append((i.name, i.served_name, ",".join(i.gpus), str(i.port), i.memory_share, str(i.start_order), ",".join(i.after) or "-"))
+        rows.append((i.name, i.served_name, ",".join(i.gpus), str(i.port), i.memory_share, str(i.start_order), ",".join(i.after) or "-",
+                     f"{i.lock_timeout}s", f"{i.start_timeout}s", f"{i.unit_start_timeout}s"))
     lines = table_lines(rows)
     lines.append("")
     gpu_rows = [("GPU", "INSTANCES", "TOTAL SHARE", "BUDGET")]
@@ -148,6 +149,8 @@ def plan_json(plan: Plan) -> dict:
                 "name": i.name, "model": i.model, "served_name": i.served_name, "index": i.index, "host": i.host,
                 "port": i.port, "gpus": list(i.gpus), "memory_share": float(i.memory_share),
                 "start_order": i.start_order, "after": list(i.after), "url": i.url,
+                # Seconds: waiting for the GPU lock, starting once it is held, systemd's TimeoutStartSec.
+                "lock_timeout": i.lock_timeout, "start_timeout": i.start_timeout, "unit_start_timeout": i.unit_start_timeout,
             }
             for i in plan.instances
         ],

@@ -109,6 +109,9 @@ class Timeouts:
     read: int = 3600  # nginx proxy_read_timeout: long generations stream for minutes
     connect: int = 2  # loopback connects are instant; a slow one means a dead backend
     fail: int = 5  # nginx fail_timeout: a failed backend is skipped this long, then probed
+    # Seconds an instance may wait for its GPU start lock (and, under supervisord, for the
+    # instance before it); None: derived per instance in plan.py from the instances sharing its GPUs.
+    lock: int | None = None
 
 
 @dataclass(frozen=True)
@@ -262,7 +265,8 @@ def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deplo
 
     timeouts_raw = v.normalise(data.get("timeouts") or {}, "timeouts.", _TIMEOUT_KEYS)
     timeouts = Timeouts(
-        **{k: v.integer(f"timeouts.{k}", val, low=1, high=86400) for k, val in timeouts_raw.items()}
+        # A lock wait of 0 is valid: take the lock at once or fail.
+        **{k: v.integer(f"timeouts.{k}", val, low=0 if k == "lock" else 1, high=86400) for k, val in timeouts_raw.items()}
     )
     default_model = data.get("default_model")
     deployment = Deployment(
@@ -472,7 +476,7 @@ _GLOBAL_KEYS = {
     "access_log", "access_log_path", "nginx_exporter", "nginx_exporter_port", "nginx_status_port", "alerts",
 }
 _ALERT_KEYS = set(Alerts.__dataclass_fields__)
-_TIMEOUT_KEYS = {"start", "shutdown", "read", "connect", "fail"}
+_TIMEOUT_KEYS = {"start", "shutdown", "read", "connect", "fail", "lock"}
 _MODEL_KEYS = {
     "model", "name", "served_model_name", "aliases", "instances", "gpus", "tensor_parallel_size",
     "gpu_memory_utilization", "max_batch_size", "max_model_len", "dtype", "enforce_eager",
@@ -740,6 +744,7 @@ _CLI_LABELS = {
     "timeouts.read": "--read-timeout",
     "timeouts.connect": "--connect-timeout",
     "timeouts.fail": "--fail-timeout",
+    "timeouts.lock": "--lock-timeout",
     "upstream_hosts": "--upstream-host",
     "instance_env": "--instance-env",
     "lora_modules": "--lora-module",

@@ -3,19 +3,24 @@
 vLLM corrupts its memory accounting when two instances start together on one GPU, so
 every instance runs under this launcher, which:
 
-1. waits (bounded by --start-timeout) until every --after instance is healthy;
+1. waits until every --after instance is healthy, or its start ended without it
+   (it held the lock and let go of it), bounded by --lock-timeout;
 2. takes every --lock file with flock(LOCK_EX), in sorted path order so tensor-parallel
    instances sharing GPUs cannot deadlock; the kernel drops a flock when its holder
-   dies, so no stale lock survives a kill -9 or a reboot;
+   dies, so no stale lock survives a kill -9 or a reboot. Steps 1 and 2 share one
+   deadline, --lock-timeout seconds (none without it); past it the launcher exits 1
+   without starting anything;
 3. starts the child with PR_SET_PDEATHSIG=SIGKILL, so it never outlives the launcher,
    and without the lock fds;
 4. forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to the child;
 5. releases the locks once --health-url is healthy (as `vfgen health wait` defines it),
-   or when the child exits first, or after killing it at --start-timeout;
+   or when the child exits first, or after killing it at --start-timeout, which counts
+   from the moment the locks are held;
 6. waits for the child and exits with its exit code (128+N when killed by signal N).
 
 Usage: python -m vfgen.launch [--lock PATH]... [--after URL]... --health-url URL
-       [--served-model-name NAME] [--start-timeout S] [--env KEY=VALUE]... [--env-file PATH]
+       [--served-model-name NAME] [--start-timeout S] [--lock-timeout S]
+       [--env KEY=VALUE]... [--env-file PATH]
        [--] COMMAND...
 
 It wraps every vLLM process for its whole life, so it imports only the standard library,
@@ -229,6 +234,17 @@ def _positive(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+class _LockTimeout(Exception):
+    pass
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfgen launch", allow_abbrev=False,
@@ -242,7 +258,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--health-url", required=True, metavar="URL", help="base URL of this instance")
     parser.add_argument("--served-model-name", default=None, metavar="NAME",
                         help="model /v1/models must list (default: any)")
-    parser.add_argument("--start-timeout", type=_positive, default=900.0, metavar="S")
+    parser.add_argument("--start-timeout", type=_positive, default=900.0, metavar="S",
+                        help="seconds the child may take to become healthy, once the locks are held")
+    parser.add_argument("--lock-timeout", type=_non_negative, default=None, metavar="S",
+                        help="seconds to wait for the --after instances and the locks (default: no bound)")
     parser.add_argument("--env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment variable for the child (repeatable)")
     parser.add_argument("--env-file", default=None, metavar="PATH",
@@ -285,6 +304,7 @@ class _Launcher:
         self.spawning = False
         self.signals: list[int] = []  # every signal received since the child exists or is forking
         self.arrived_while_forking: list[int] = []
+        self.deadline: float | None = None  # for steps 1 and 2 (--lock-timeout)
 
     # Written with os.write: a signal handler may log while the main code is logging,
     # and Python's buffered streams raise on such re-entrant writes.
@@ -318,12 +338,41 @@ class _Launcher:
 
     # -- 1. predecessors ---------------------------------------------------------------
     def wait_for_predecessors(self) -> None:
+        """Until every --after URL is healthy, or a predecessor seen holding a lock let go of
+        it without becoming healthy (its start failed or timed out: waiting longer only lets
+        its restart take the lock again), or the lock deadline."""
         if not self.args.after:
             return
-        status = wait(self.args.after, model=None, timeout=self.args.start_timeout, out=_PrefixedOut(self.say))
-        if status != 0:
-            self.say(f"warning: {', '.join(self.args.after)} not healthy after {self.args.start_timeout:g}s; "
-                     "starting anyway")
+        if self.deadline is None:  # launchers rendered before --lock-timeout existed
+            status = wait(self.args.after, model=None, timeout=self.args.start_timeout, out=_PrefixedOut(self.say))
+            if status != 0:
+                self.say(f"warning: {', '.join(self.args.after)} not healthy after {self.args.start_timeout:g}s; "
+                         "starting anyway")
+            return
+        ports = {_port(url) for url in self.args.after} - {None}
+        targets = [Target(name=url, url=url) for url in self.args.after]
+        began = time.monotonic()
+        seen_holding = False
+        next_report = began + HEALTH_REPORT_EVERY_S
+        self.say(f"waiting up to {self.deadline - began:.0f}s for {', '.join(self.args.after)} to be healthy")
+        while True:
+            holding = any(_holder_port(path) in ports for path in self.args.lock)
+            if all(probe(t, timeout=1.0).state == "healthy" for t in targets):
+                self.say(f"{', '.join(self.args.after)} healthy after {time.monotonic() - began:.1f}s")
+                return
+            if seen_holding and not holding:
+                self.say(f"warning: {', '.join(self.args.after)} released the start lock without becoming "
+                         "healthy; starting anyway")
+                return
+            seen_holding = seen_holding or holding
+            now = time.monotonic()
+            if now >= self.deadline:
+                self.say(f"warning: {', '.join(self.args.after)} not healthy after {now - began:.0f}s; starting anyway")
+                return
+            if now >= next_report:
+                self.say(f"still waiting for {', '.join(self.args.after)} ({now - began:.0f}s so far)")
+                next_report = now + HEALTH_REPORT_EVERY_S
+            time.sleep(HEALTH_POLL_S)
 
     # -- 2. locks ----------------------------------------------------------------------
     def take_locks(self) -> None:
@@ -340,6 +389,9 @@ class _Launcher:
                 except BlockingIOError:
                     now = time.monotonic()
                     holder = _holder(fd)
+                    if self.deadline is not None and now >= self.deadline:
+                        raise _LockTimeout(f"lock {path} not free after {now - began:.0f}s ({holder}); "
+                                           f"--lock-timeout is {self.args.lock_timeout:g}s; not starting")
                     # A holder writes its pid just after taking the lock: give it a moment
                     # before reporting a holder without one.
                     named = holder.startswith("held by pid") or now - began >= LOCK_NAME_GRACE_S
@@ -418,7 +470,10 @@ class _Launcher:
                 self.say(f"not healthy after {self.args.start_timeout:g}s ({result.state}: {result.detail}); "
                          f"stopping pid {self.child.pid}")
                 self._terminate_child()
-                self.release_locks()
+                self.reap_orphans()  # vLLM's engine processes hold GPU memory: free it before the next start
+                released = self.release_locks()
+                if released:
+                    self.say(f"released GPU lock(s) {', '.join(released)}")
                 return 1
             if now >= next_report:
                 self.say(f"starting for {now - started:.0f}s: {result.state} ({result.detail})")
@@ -489,10 +544,16 @@ class _Launcher:
             except EnvFileError as exc:
                 self.say(str(exc))
                 return 1
+        if self.args.lock_timeout is not None:
+            self.deadline = time.monotonic() + self.args.lock_timeout
         try:
             self.wait_for_predecessors()
             try:
                 self.take_locks()
+            except _LockTimeout as exc:
+                self.release_locks()
+                self.say(str(exc))
+                return 1
             except OSError as exc:
                 self.release_locks()
                 self.say(f"cannot take lock: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else ""))
@@ -535,6 +596,27 @@ def _comm(pid: int) -> str:
             return handle.read().strip()
     except OSError:
         return "?"
+
+
+def _port(url: str) -> int | None:
+    try:
+        return urlparse(url).port
+    except ValueError:
+        return None
+
+
+def _holder_port(path: str) -> int | None:
+    """Port of the instance holding the lock at `path`, from what it wrote there ("PID NAME:PORT")."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(200).decode(errors="replace").strip()
+    except OSError:
+        return None
+    pid, _, label = text.partition(" ")
+    port = label.rpartition(":")[2]
+    if not pid.isdigit() or not port.isdigit() or not os.path.exists(f"/proc/{pid}"):
+        return None  # free, or its holder died (the kernel dropped its flock)
+    return int(port)
 
 
 def _holder(fd: int) -> str:

@@ -16,6 +16,13 @@ from vfgen.config import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, Alerts, Deplo
 from vfgen.errors import PlanError
 
 
+# A launcher whose instance missed its start timeout gives vLLM 10 s to stop on SIGTERM
+# (then SIGKILL) and up to 6 s more to reap vLLM's engine processes before it frees the lock.
+LOCK_RELEASE_MARGIN_S = 30
+# systemd TimeoutStartSec beyond the launcher's own waits: exec, Python start-up, probes.
+UNIT_START_MARGIN_S = 60
+
+
 @dataclass(frozen=True)
 class Instance:
     model: str  # model key
@@ -35,8 +42,10 @@ class Instance:
     env: tuple[tuple[str, str], ...]  # CUDA_VISIBLE_DEVICES first, then model, then instance env
     env_file: str | None  # secrets, read at start by systemd (EnvironmentFile=) or the launcher
     vllm_argv: tuple[str, ...]
-    start_timeout: int  # includes waiting behind every other instance on its GPUs
-    unit_start_timeout: int  # systemd TimeoutStartSec: the health wait plus a margin to start it
+    start_timeout: int  # seconds to become healthy, counted once it holds its GPU lock(s)
+    lock_timeout: int  # seconds it may wait for its lock(s) (and, under supervisord, its predecessor)
+    health_timeout: int  # ExecStartPost's health wait: the lock wait plus the start
+    unit_start_timeout: int  # systemd TimeoutStartSec: both waits plus a margin to start it
 
     @property
     def unit(self) -> str:
@@ -167,7 +176,10 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
     for n, (model, index, gpus) in enumerate(placements):
         host = d.listen if single else d.host
         before = sorted({last_on_gpu[g].name: last_on_gpu[g] for g in gpus if g in last_on_gpu}.items())
-        queue = len({m for g in gpus for m in on_gpu[g]})
+        sharing = len({m for g in gpus for m in on_gpu[g]}) - 1  # other instances on its GPUs
+        # Each of them may hold the lock once for its whole start, plus the time a start that
+        # timed out takes to free the GPU. flock is not FIFO, so no instance is ever "first".
+        lock_timeout = d.timeouts.lock if d.timeouts.lock is not None else sharing * (d.timeouts.start + LOCK_RELEASE_MARGIN_S)
         inst = Instance(
             model=model.key,
             index=index,
@@ -186,8 +198,10 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
             env=_env(d, model, index, gpus),
             env_file=model.env_file,
             vllm_argv=_vllm_argv(d, model, host, ports[n], f"{shares[n]:.2f}"),
-            start_timeout=d.timeouts.start * queue,
-            unit_start_timeout=d.timeouts.start * queue + 60,
+            start_timeout=d.timeouts.start,
+            lock_timeout=lock_timeout,
+            health_timeout=lock_timeout + d.timeouts.start,
+            unit_start_timeout=lock_timeout + d.timeouts.start + UNIT_START_MARGIN_S,
         )
         instances.append(inst)
         for g in gpus:

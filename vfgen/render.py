@@ -261,7 +261,8 @@ def launch_argv(plan: Plan, inst: Instance, *, supervisord: bool) -> list[str]:
     if supervisord:
         for url in inst.after_urls:
             argv += ["--after", url]
-    argv += ["--health-url", inst.url, "--served-model-name", inst.served_name, "--start-timeout", str(inst.start_timeout)]
+    argv += ["--health-url", inst.url, "--served-model-name", inst.served_name, "--start-timeout", str(inst.start_timeout),
+             "--lock-timeout", str(inst.lock_timeout)]
     if supervisord:
         for key, value in inst.env:
             argv += ["--env", f"{key}={value}"]
@@ -279,7 +280,7 @@ def render_unit(plan: Plan, inst: Instance) -> str:
         plan=plan,
         inst=inst,
         exec_start=launch_argv(plan, inst, supervisord=False),
-        exec_start_post=[d.vfgen_bin, "health", "wait", inst.url, "--model", inst.served_name, "--timeout", str(inst.start_timeout)],
+        exec_start_post=[d.vfgen_bin, "health", "wait", inst.url, "--model", inst.served_name, "--timeout", str(inst.health_timeout)],
         stop_timeout=plan.stop_timeout,
         lock_runtime_dir=lock_runtime_dir,
     )

@@ -241,6 +241,47 @@ def test_start_timeout_stops_the_child_and_exits_1(procs, tmp_path):
     assert "not healthy after 1s (down: connection refused)" in launched.text()
 
 
+def test_start_timeout_counts_from_the_lock_and_releases_it_for_the_next(procs, tmp_path):
+    # The holder never becomes healthy: it is stopped --start-timeout after it took the lock,
+    # which it then releases, and the waiter (bounded by --lock-timeout) starts.
+    lock = tmp_path / "gpu-0.lock"
+    hung = launch(procs, tmp_path, "hung", "--lock", str(lock), "--start-timeout", "1.5", "--lock-timeout", "0",
+                  child=("--ready-after", "60"))
+    until(lambda: hung.events("start"), 10, "the hung child to start")
+    waiter = launch(procs, tmp_path, "waiter", "--lock", str(lock), "--start-timeout", "30", "--lock-timeout", "20",
+                    child=("--ready-after", "0.2"))
+    assert finish(hung) == 1
+    assert "not healthy after 1.5s" in hung.text() and f"released GPU lock(s) {lock}" in hung.text()
+    until(lambda: "healthy after" in waiter.text(), 20, "the waiter to start and become healthy")
+    assert hung.events("sigterm")[0]["t"] <= waiter.events("start")[0]["t"]
+    assert "waiting for lock" in waiter.text() and "acquired lock" in waiter.text()
+
+
+def test_lock_timeout_gives_up_without_starting(procs, tmp_path):
+    lock = tmp_path / "gpu-0.lock"
+    holder = launch(procs, tmp_path, "holder", "--lock", str(lock), child=("--ready-after", "60"))
+    until(lambda: holder.events("start"), 10, "the holder's child to start")
+    late = launch(procs, tmp_path, "late", "--lock", str(lock), "--lock-timeout", "1")
+    assert finish(late) == 1
+    assert f"lock {lock} not free after 1s (held by pid {holder.proc.pid}" in late.text()
+    assert "--lock-timeout is 1s; not starting" in late.text()
+    assert not late.events("start")
+
+
+def test_after_stops_waiting_when_the_predecessor_lets_go_of_the_lock_unhealthy(procs, tmp_path):
+    # supervisord ordering: the successor waits for its predecessor (--after); a predecessor
+    # whose start timed out released the lock unhealthy, so the successor starts at once
+    # instead of waiting out --lock-timeout while the predecessor's restart retakes the lock.
+    lock = tmp_path / "gpu-0.lock"
+    first = launch(procs, tmp_path, "first", "--lock", str(lock), "--start-timeout", "1", child=("--ready-after", "60"))
+    until(lambda: first.events("start"), 10, "the first child to start")
+    second = launch(procs, tmp_path, "second", "--lock", str(lock), "--after", f"http://127.0.0.1:{first.port}",
+                    "--lock-timeout", "60", child=("--ready-after", "0.2"))
+    assert finish(first) == 1
+    until(lambda: "healthy after" in second.text(), 20, "the second to start")
+    assert "released the start lock without becoming healthy; starting anyway" in second.text()
+
+
 def test_start_timeout_kills_a_child_that_ignores_sigterm(procs, tmp_path):
     # Same entry point with a short SIGTERM→SIGKILL grace, so the test takes ~2 s, not 11.
     prefix = ("-c", "import sys, vfgen.launch as l; l.STOP_GRACE_S = 0.5; sys.exit(l.main(sys.argv[1:]))")

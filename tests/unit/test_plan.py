@@ -49,8 +49,21 @@ def test_start_is_serialised_per_gpu_across_models():
     assert b0.after == (a0.name,) and b1.after == (b0.name,)
     assert [i.start_order for i in plan.instances] == [1, 2, 3]
     assert all(i.locks == ("/run/vfgen/locks/gpu-0.lock",) for i in plan.instances)
-    # each may wait behind the two others before its own load
-    assert {i.start_timeout for i in plan.instances} == {3 * 900}
+    # --start-timeout is one instance's own load; the lock wait covers the two others
+    # (each holding the lock for its start plus the time a timed-out start takes to let go).
+    assert {i.start_timeout for i in plan.instances} == {900}
+    assert {i.lock_timeout for i in plan.instances} == {2 * (900 + 30)}
+    assert {i.unit_start_timeout for i in plan.instances} == {2 * 930 + 900 + 60}
+
+
+def test_start_timeout_is_not_multiplied_and_the_lock_wait_is_separate():
+    plan = plan_of(models=[{"model": "m", "instances": 8, "gpus": [0]}], timeouts={"start": 600})
+    assert {i.start_timeout for i in plan.instances} == {600}
+    assert {i.lock_timeout for i in plan.instances} == {7 * 630}
+    alone = plan_of(models=[{"model": "m", "instances": 2, "gpus": [0, 1]}], timeouts={"start": 600})
+    assert [(i.lock_timeout, i.start_timeout, i.unit_start_timeout) for i in alone.instances] == [(0, 600, 660)] * 2
+    given = plan_of(models=[{"model": "m", "instances": 2, "gpus": [0]}], timeouts={"start": 600, "lock": 100})
+    assert [(i.lock_timeout, i.health_timeout, i.unit_start_timeout) for i in given.instances] == [(100, 700, 760)] * 2
 
 
 def test_tensor_parallel_instance_takes_a_gpu_group_and_both_locks():
