@@ -279,11 +279,14 @@ class LiveDeployment:
 
     # --- lifecycle ------------------------------------------------------------------
 
-    def start(self, timeout: float = START_TIMEOUT, check: Callable[[], None] | None = None) -> LiveDeployment:
+    def start(self, timeout: float = START_TIMEOUT, check: Callable[[], None] | None = None,
+              wait: bool = True) -> LiveDeployment:
+        """`wait=False` returns once nginx and supervisord run, for tests of starts that fail."""
         self.render()
         self._start_nginx()
         self._start_supervisord()
-        self.wait_healthy(timeout=timeout, check=check)
+        if wait:
+            self.wait_healthy(timeout=timeout, check=check)
         return self
 
     def wait_healthy(self, backends: Sequence[Backend] | None = None, timeout: float = START_TIMEOUT,
