@@ -150,3 +150,26 @@ def test_latent_state_after_recovery_and_light_load(live_deploy):
     print(f"sudden burst of {BURST}: {burst.summary()}")
     assert not burst.failed, _failures(burst)
     assert any(s["max_queued"] > 0 for s in d.all_stats().values()), "the burst never overflowed the caps"
+
+
+def test_bounded_queue_serves_right_after_an_outage_and_keeps_its_bound(live_deploy):
+    # --max-queue has no last-resort pool (its own max_conns counters would break the bound):
+    # its capped backups are never marked failed instead, so they serve as soon as a backend is back.
+    queue = 2
+    d = _deploy(live_deploy, max_queue=queue)
+    _outage(d)
+    starters = _start(d, d.backends[:1])
+    first, healthy_at = _first_healthy(d, d.backends[:1])
+    # The primaries are still marked failed (fail_timeout): the backup entry takes up to `queue`.
+    burst = _burst_right_after(d, healthy_at, count=queue)
+    print(f"\nbounded, one backend back: {burst.summary()}")
+    assert not burst.failed, _failures(burst)
+    _wait_all(starters + _start(d, d.backends[1:]))
+    d.wait_healthy()
+    d.reset_stats()
+    over = run_load(f"{d.url}/v1/completions", count=BURST, concurrency=BURST, body=BODY, deadline=60)
+    stats = d.all_stats()
+    print(f"bounded, all back, burst of {BURST}: {over.summary()}; "
+          f"max in flight/queued {[(s['max_in_flight'], s['max_queued']) for s in stats.values()]}")
+    assert set(over.statuses) <= {200, 503} and over.statuses[200] >= INSTANCES * CAP, over.summary()
+    assert all(s["max_in_flight"] <= CAP and s["max_queued"] <= queue for s in stats.values()), stats
