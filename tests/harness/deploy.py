@@ -269,6 +269,32 @@ class LiveDeployment:
             raise RuntimeError(f"supervisorctl {' '.join(args)} exited {result.returncode}:\n{result.stdout}{result.stderr}")
         return result
 
+    def start_programs(self, backends: Sequence[Backend]) -> list[subprocess.Popen]:
+        """`supervisorctl start` each, without waiting (it blocks for startsecs): for tests that
+        watch the moment a backend is back. Wait on the returned processes before stopping."""
+        return [subprocess.Popen([self.supervisorctl_bin, "-c", str(self.supervisord_conf), "start", self.program(b)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for b in backends]
+
+    def first_healthy(self, backends: Sequence[Backend], timeout: float,
+                      check: Callable[[], None] | None = None) -> tuple[Backend, float]:
+        """Poll the backends' own /health every 10 ms: the first to answer 200 and the monotonic
+        time it did. `check`, if given, runs about once a second and may raise."""
+        end = time.monotonic() + timeout
+        next_check = 0.0
+        with httpx.Client(timeout=0.5, trust_env=False) as client:
+            while time.monotonic() < end:
+                if check is not None and time.monotonic() >= next_check:
+                    check()
+                    next_check = time.monotonic() + 1.0
+                for b in backends:
+                    try:
+                        if client.get(f"{b.url}/health").status_code == 200:
+                            return b, time.monotonic()
+                    except httpx.HTTPError:
+                        pass
+                time.sleep(0.01)
+        raise TimeoutError(f"no backend of {[b.program for b in backends]} healthy after {timeout}s\n{self.diagnostics()}")
+
     def program(self, backend: Backend) -> str:
         """The name supervisorctl wants: group:program."""
         return f"{self.name}:{backend.program}"

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 
-import httpx
 import pytest
 
-from tests.harness.deploy import assert_json_error, stand_in_args, wait_until
+from tests.harness.deploy import assert_json_error, stand_in_args
 from tests.harness.load import run_load, start_load
 
 pytestmark = pytest.mark.live
@@ -53,27 +51,6 @@ def _outage(d) -> None:
     assert d.http.get(f"{d.url}/health").status_code == 503
 
 
-def _start(d, backends) -> list[subprocess.Popen]:
-    """`supervisorctl start` without waiting (it blocks for startsecs): the test watches /health itself."""
-    return [subprocess.Popen([d.supervisorctl_bin, "-c", str(d.supervisord_conf), "start", d.program(b)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for b in backends]
-
-
-def _first_healthy(d, backends, timeout: float = 30.0):
-    """Poll the backends' own /health every 10 ms; return (backend, monotonic time of its first 200)."""
-    end = time.monotonic() + timeout
-    with httpx.Client(timeout=0.5, trust_env=False) as client:
-        while time.monotonic() < end:
-            for b in backends:
-                try:
-                    if client.get(f"{b.url}/health").status_code == 200:
-                        return b, time.monotonic()
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.01)
-    raise TimeoutError(f"no backend of {[b.program for b in backends]} healthy after {timeout}s")
-
-
 def _burst_right_after(d, healthy_at: float, count: int = BURST):
     """A burst of `count` concurrent requests; the test is void unless it began within 1 s of `healthy_at`."""
     began = time.monotonic()
@@ -95,8 +72,8 @@ def test_all_back_at_once_then_burst_then_kill(live_deploy):
     d = _deploy(live_deploy)
     _outage(d)
 
-    starters = _start(d, d.backends)
-    first, healthy_at = _first_healthy(d, d.backends)
+    starters = d.start_programs(d.backends)
+    first, healthy_at = d.first_healthy(d.backends, timeout=30)
     burst = _burst_right_after(d, healthy_at)
     print(f"\nfirst back: {first.program}; burst right after its /health 200: {burst.summary()}")
     assert not burst.failed, _failures(burst)
@@ -121,8 +98,8 @@ def test_backends_come_back_one_at_a_time(live_deploy):
     _outage(d)
     up = []
     for backend in d.backends:
-        starter = _start(d, [backend])
-        _, healthy_at = _first_healthy(d, [backend])
+        starter = d.start_programs([backend])
+        _, healthy_at = d.first_healthy([backend], timeout=30)
         up.append(backend)
         burst = _burst_right_after(d, healthy_at)
         print(f"\n{len(up)} backend(s) back ({backend.program} just now): {burst.summary()}")
@@ -135,7 +112,7 @@ def test_latent_state_after_recovery_and_light_load(live_deploy):
     # fail_timeout 1 s: the seconds of light load below stand for minutes at the default 5 s.
     d = _deploy(live_deploy, fail_timeout=1)
     _outage(d)
-    _wait_all(_start(d, d.backends))
+    _wait_all(d.start_programs(d.backends))
     d.wait_healthy()
     # Full recovery, then light load that never overflows the caps (at most 4 at once, capacity 8),
     # for several fail_timeouts: the primaries serve it, the backups see nothing.
@@ -158,13 +135,13 @@ def test_bounded_queue_serves_right_after_an_outage_and_keeps_its_bound(live_dep
     queue = 2
     d = _deploy(live_deploy, max_queue=queue)
     _outage(d)
-    starters = _start(d, d.backends[:1])
-    first, healthy_at = _first_healthy(d, d.backends[:1])
+    starters = d.start_programs(d.backends[:1])
+    _, healthy_at = d.first_healthy(d.backends[:1], timeout=30)
     # The primaries are still marked failed (fail_timeout): the backup entry takes up to `queue`.
     burst = _burst_right_after(d, healthy_at, count=queue)
     print(f"\nbounded, one backend back: {burst.summary()}")
     assert not burst.failed, _failures(burst)
-    _wait_all(starters + _start(d, d.backends[1:]))
+    _wait_all(starters + d.start_programs(d.backends[1:]))
     d.wait_healthy()
     d.reset_stats()
     over = run_load(f"{d.url}/v1/completions", count=BURST, concurrency=BURST, body=BODY, deadline=60)

@@ -9,8 +9,7 @@ through nginx. The two start windows (stand-in exec -> exit or ready) never over
 
 from __future__ import annotations
 
-import json
-import subprocess
+from itertools import pairwise
 
 import pytest
 
@@ -20,10 +19,6 @@ from tests.harness.procs import ProcessGroup
 pytestmark = pytest.mark.live
 
 START_TIMEOUT = 3
-
-
-def _vfgen_plan(d: LiveDeployment) -> dict:
-    return json.loads(d._vfgen("plan", ["--json"]).stdout)
 
 
 def test_hung_start_times_out_releases_the_lock_and_the_next_starts(procs: ProcessGroup, tmp_path):
@@ -64,7 +59,7 @@ def test_hung_start_times_out_releases_the_lock_and_the_next_starts(procs: Proce
                 windows[e["pid"]][1] = e["t"]
         ordered = sorted((w[0], w[1] if w[1] is not None else float("inf"), w[2]) for w in windows.values())
         print("start windows:", [(round(a - ordered[0][0], 2), round(b - ordered[0][0], 2), port) for a, b, port in ordered])
-        assert all(b[0] >= a[1] for a, b in zip(ordered, ordered[1:])), f"two starts overlapped on GPU 0: {ordered}"
+        assert all(b[0] >= a[1] for a, b in pairwise(ordered)), f"two starts overlapped on GPU 0: {ordered}"
         first_next = min(w for w in ordered if w[2] == next_.port)
         assert any(w[2] == hung.port and w[1] <= first_next[0] for w in ordered), ordered
     finally:
