@@ -150,3 +150,30 @@ def test_bounded_queue_serves_right_after_an_outage_and_keeps_its_bound(live_dep
           f"max in flight/queued {[(s['max_in_flight'], s['max_queued']) for s in stats.values()]}")
     assert set(over.statuses) <= {200, 503} and over.statuses[200] >= INSTANCES * CAP, over.summary()
     assert all(s["max_in_flight"] <= CAP and s["max_queued"] <= queue for s in stats.values()), stats
+
+
+def _tried(access_log: str, port: int) -> tuple[int, int]:
+    """(completions logged, those whose upstream attempts include 127.0.0.1:PORT)."""
+    lines = [line for line in access_log.splitlines() if "/v1/completions" in line]
+    return len(lines), sum(1 for line in lines if f'127.0.0.1:{port}' in line.split('upstream="', 1)[1].split('"', 1)[0])
+
+
+@pytest.mark.parametrize("max_queue", [None, 2], ids=["unbounded", "max-queue-2"])
+def test_what_a_dead_backend_costs(live_deploy, max_queue):
+    # docs/operations.md, "What a dead backend costs each request": one of 4 backends is down.
+    d = _deploy(live_deploy, **({} if max_queue is None else {"max_queue": max_queue}))
+    dead = d.backends[3]
+    d.supervisorctl("stop", d.program(dead))
+    assert not run_load(f"{d.url}/v1/completions", count=8, concurrency=1, body=BODY).failed  # marks it failed
+    # Under the caps, then overflowing them (within the bound in bounded mode: 3 x (2 + 2) = 12).
+    for concurrency in (4, 24 if max_queue is None else 10):
+        mark = len(d.nginx_access_log())
+        result = run_load(f"{d.url}/v1/completions", count=300, concurrency=concurrency, body=BODY, deadline=60)
+        logged, tried_dead = _tried(d.nginx_access_log()[mark:], dead.port)
+        print(f"\n{'unbounded' if max_queue is None else f'max_queue={max_queue}'}, concurrency {concurrency}: "
+              f"{tried_dead} of {logged} requests tried the dead backend (one refused connect each); {result.summary()}")
+        assert not result.failed, _failures(result)
+        if concurrency == 4:
+            assert tried_dead == 0  # no overflow: the dead backend's entries stay marked failed
+        elif max_queue is not None:
+            assert tried_dead > 0  # its never-failed backup entry is tried, refused, and skipped

@@ -505,6 +505,45 @@ def test_kill_9_leaves_no_orphaned_vllm_process(crash: Crash):
                 pass
 
 
+# --- outage and recovery ----------------------------------------------------------------
+
+# 12 x the Llamas' total capacity (2 instances x max_batch_size 4), all at once.
+RECOVERY_BURST = 12 * 2 * 4
+
+
+def test_outage_then_bursts_right_after_recovery_fail_nothing(cpu_deployment: LiveDeployment):
+    # During an outage nginx marks every server of the pool failed, the `backup` overflow
+    # entries too; before the last-resort pool, a burst right after the recovery got 503s
+    # (seen: 4 x 200, 8 x 503 of 12) and so did one 6 s later, past fail_timeout.
+    d = cpu_deployment
+    chat = llamas(d)
+    check = fail_on_start_error(d)
+    d.wait_healthy(chat, timeout=RESTART_TIMEOUT, check=check)
+    d.supervisorctl("stop", *(d.program(b) for b in chat), timeout=120)
+    down = post(d, "/v1/completions", completion(4))
+    assert_json_error(down.status_code, down.headers, down.content, 503)
+
+    starters = d.start_programs(chat)
+    try:
+        first, healthy_at = d.first_healthy(chat, timeout=RESTART_TIMEOUT, check=check)
+        began = time.monotonic()
+        burst = run_load(f"{d.url}/v1/completions", count=RECOVERY_BURST, concurrency=RECOVERY_BURST,
+                         body=completion(4), deadline=REQUEST_TIMEOUT)
+        record(f"outage of both Llamas, burst of {RECOVERY_BURST} {began - healthy_at:.2f}s after "
+               f"{first.program}'s /health 200: {burst.summary()}")
+        assert began - healthy_at < 1.0, "the burst began too late to prove anything"
+        assert not burst.failed, burst.summary()
+    finally:
+        for proc in starters:
+            proc.wait(timeout=120)
+    d.wait_healthy(chat, timeout=RESTART_TIMEOUT, check=check)
+    time.sleep(6)  # past fail_timeout (5 s), with no overflow meanwhile: the backups stay as the outage left them
+    again = run_load(f"{d.url}/v1/completions", count=RECOVERY_BURST, concurrency=RECOVERY_BURST,
+                     body=completion(4), deadline=REQUEST_TIMEOUT)
+    record(f"both Llamas back, burst of {RECOVERY_BURST} 6 s later: {again.summary()}")
+    assert not again.failed, again.summary()
+
+
 # --- graceful stop with in-flight requests ---------------------------------------------
 
 
