@@ -508,3 +508,22 @@ def test_runtime_lora_endpoints_need_vllms_variable(procs, tmp_path):
 def test_lora_modules_without_enable_lora_exit_2():
     result = run_cli("serve", MODEL, "--lora-modules", "a=/x")
     assert result.returncode == 2 and "--lora-modules needs --enable-lora" in result.stderr
+
+
+def test_hang_on_port_never_opens_that_port_and_stops_on_sigterm(procs, tmp_path):
+    log = tmp_path / "events.jsonl"
+    port = free_port()
+    hung = procs.start(fake_argv(port, "--fake-hang-on-port", str(port), "--fake-event-log", str(log)), cwd=REPO_ROOT)
+    # Another port in the same setting serves as usual: only the named instance hangs.
+    _, other = start(procs, tmp_path, "--fake-hang-on-port", str(port))
+    assert requests.get(url(other, "/health"), timeout=5).status_code == 200
+    deadline = time.monotonic() + 5
+    while not log.exists() or not read_events(log):
+        assert time.monotonic() < deadline, "no exec event from the hung stand-in"
+        time.sleep(0.01)
+    time.sleep(0.5)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    hung.send_signal(signal.SIGTERM)
+    assert hung.wait(timeout=5) == 0
+    assert [e["event"] for e in read_events(log)] == ["exec", "sigterm", "exit"]

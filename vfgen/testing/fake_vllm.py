@@ -6,7 +6,8 @@ runs in a container that has nothing but python3.
 
 What it models: a continuous-batching engine that serves at most
 `--max-num-seqs` requests at once and queues the rest FIFO (never rejects),
-slow startup (`--fake-startup-delay`), a server that is up before its model is
+slow startup (`--fake-startup-delay`), a start that never ends
+(`--fake-hang-on-port`), a server that is up before its model is
 registered (`--fake-register-delay`), service time, SSE streaming, vLLM's
 error bodies and vLLM's SIGTERM behaviour (`--shutdown-timeout`). `/fake/stats`
 tells tests what this backend saw.
@@ -49,6 +50,9 @@ _STAND_IN_FLAGS: list[tuple[str, str, str, Any]] = [
     # While this file exists, a starting stand-in waits before it listens: tests keep a
     # killed instance down for as long as they need, then let it come back.
     ("--fake-hold-file", "VFGEN_FAKE_HOLD_FILE", "path", None),
+    # A model load that never ends, for the instance on this --port only: a rendered
+    # deployment gives every instance the same environment, and a test may want one to hang.
+    ("--fake-hang-on-port", "VFGEN_FAKE_HANG_ON_PORT", "count", None),
 ]
 
 # Real vLLM flags that change nothing here but must be accepted.
@@ -1057,7 +1061,10 @@ async def serve(opts: argparse.Namespace) -> int:
     log(f"model={opts.model!r} served_model_name={app.names} max_num_seqs={opts.max_num_seqs} "
         f"shutdown_timeout={opts.shutdown_timeout:g}")
     code = 0
-    if opts.fake_startup_delay and await _wait(app.stopped, opts.fake_startup_delay):
+    if opts.fake_hang_on_port == opts.port:
+        log(f"--fake-hang-on-port {opts.port}: never opening the port (a model load that hangs)")
+        code = await app.stopped
+    elif opts.fake_startup_delay and await _wait(app.stopped, opts.fake_startup_delay):
         code = app.stopped.result()
     elif opts.fake_hold_file and await _hold(app.stopped, opts.fake_hold_file):
         code = app.stopped.result()
