@@ -96,16 +96,18 @@ def test_all_back_at_once_then_burst_then_kill(live_deploy):
 def test_backends_come_back_one_at_a_time(live_deploy):
     d = _deploy(live_deploy)
     _outage(d)
-    up = []
-    for backend in d.backends:
-        starter = d.start_programs([backend])
-        _, healthy_at = d.first_healthy([backend], timeout=30)
-        up.append(backend)
-        burst = _burst_right_after(d, healthy_at)
-        print(f"\n{len(up)} backend(s) back ({backend.program} just now): {burst.summary()}")
-        assert not burst.failed, (len(up), _failures(burst))
-        assert set(burst.per_backend) <= {b.port for b in up}, burst.per_backend
-        _wait_all(starter)
+    up, starters = [], []
+    try:
+        for backend in d.backends:
+            starters += d.start_programs([backend])
+            _, healthy_at = d.first_healthy([backend], timeout=30)
+            up.append(backend)
+            burst = _burst_right_after(d, healthy_at)
+            print(f"\n{len(up)} backend(s) back ({backend.program} just now): {burst.summary()}")
+            assert not burst.failed, (len(up), _failures(burst))
+            assert set(burst.per_backend) <= {b.port for b in up}, burst.per_backend
+    finally:
+        _wait_all(starters)
 
 
 def test_latent_state_after_recovery_and_light_load(live_deploy):
@@ -168,7 +170,7 @@ def test_what_a_dead_backend_costs(live_deploy, max_queue):
     # Under the caps, then overflowing them (within the bound in bounded mode: 3 x (2 + 2) = 12).
     for concurrency in (4, 24 if max_queue is None else 10):
         mark = len(d.nginx_access_log())
-        result = run_load(f"{d.url}/v1/completions", count=300, concurrency=concurrency, body=BODY, deadline=60)
+        result = run_load(f"{d.url}/v1/completions", count=200, concurrency=concurrency, body=BODY, deadline=60)
         logged, tried_dead = _tried(d.nginx_access_log()[mark:], dead.port)
         print(f"\n{'unbounded' if max_queue is None else f'max_queue={max_queue}'}, concurrency {concurrency}: "
               f"{tried_dead} of {logged} requests tried the dead backend (one refused connect each); {result.summary()}")
