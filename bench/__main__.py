@@ -3,6 +3,7 @@
     python -m bench                 # full run (~4.5 min): updates docs/benchmarks.md and docs/bench-*.png
     python -m bench --quick         # smoke run (~30 s): prints the table, writes nothing
     python -m bench --out-dir DIR   # write results.md, results.json and the plots to DIR instead
+    python -m bench prefix [...]    # prefix-aware routing with real vLLM (bench/prefix.py)
 
 Everything listens on 127.0.0.1 on free ports; every process is stopped by PID at the end.
 """
@@ -78,6 +79,11 @@ def _terminate(signum: int, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prefix"]:
+        from bench import prefix
+
+        return prefix.main(argv[1:])
     args = parse_args(argv)
     nginx_bin, wrk_bin = _require()
     settings = (Settings.quick(args.connections) if args.quick

@@ -262,14 +262,14 @@ def console_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def update_docs(doc: Path, block: str) -> None:
-    """Replace the generated block of docs/benchmarks.md, keeping the hand-written text around it."""
+def update_docs(doc: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace a generated block of docs/benchmarks.md, keeping the hand-written text around it."""
     text = doc.read_text()
-    if BEGIN not in text or END not in text:
-        raise RuntimeError(f"{doc} has no {BEGIN} ... {END} block to replace")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+    if begin not in text or end not in text:
+        raise RuntimeError(f"{doc} has no {begin} ... {end} block to replace")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{begin}\n{block}{end}{tail}")
 
 
 # --- plots -----------------------------------------------------------------------------------

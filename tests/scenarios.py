@@ -18,6 +18,7 @@ SCENARIOS: dict[str, list[str]] = {
         "--max-queue", "4", "--max-batch-size", "8", "--cuda-devices", "0,1", "--env", "HF_HUB_OFFLINE=1", *BINS,
         "--", "--trust-remote-code", "--chat-template", "/etc/vllm/tmpl; }#.jinja",
     ],
+    "four-prefix": ["org/chat", "-n", "4", "--routing", "prefix", "--prefix-bytes", "512", *BINS],
     "supervisord-two-gpus": ["org/m", "-n", "4", "--cuda-devices", "0,1", "--backend", "supervisord", "--user", "nobody",
                              "--env-file", "/etc/vfgen/secrets.env", *BINS],
     "lora-two-models": ["-f", str(ROOT / "tests" / "fixtures" / "lora" / "scenario.yaml"), *BINS],

@@ -75,7 +75,10 @@ _DEPLOYMENT_PARAMS = [
     ("memory_budget", Optional[float], _OPTS(None, help="Share of each GPU all instances may use together. [default: 0.92]")),
     ("cuda_devices", Optional[str], _OPTS(None, help="GPU ids for the instances, comma-separated; instances are spread round robin. [default: 0]")),
     ("tensor_parallel_size", Optional[int], _OPTS(None, help="GPUs per instance. [default: 1]")),
-    ("enable_request_affinity", bool, _OPTS(False, "--enable-request-affinity", help="Send requests of the same JSON shape to the same backend while it has room.")),
+    ("routing", Optional[str], _OPTS(None, help="How nginx picks a backend: least_conn, shape, prefix (same conversation start -> same backend) or session. [default: least_conn]")),
+    ("prefix_bytes", Optional[int], _OPTS(None, help="prefix/session routing: bytes of the first message and of the first user message in the key. [default: 256]")),
+    ("session_header", Optional[str], _OPTS(None, help="session routing: request header naming the session (else the OpenAI `user` field, else prefix).")),
+    ("enable_request_affinity", bool, _OPTS(False, "--enable-request-affinity", help="Old name of --routing shape: same JSON shape -> same backend while it has room.")),
     ("max_queue", Optional[int], _OPTS(None, help="Requests each backend may hold beyond its cap; past that clients get 503 + Retry-After. [default: unbounded]")),
     ("max_body_size", Optional[str], _OPTS(None, help="Largest request body, nginx size syntax. [default: 32m]")),
     ("dtype", Optional[str], _OPTS(None, help="vLLM --dtype.")),
@@ -136,6 +139,7 @@ _MODEL_OPTIONS = {
     "served_model_name": "served_model_name", "vllm_args": "extra_args", "env_file": "env_file",
     "lora_module": "lora_modules", "max_lora_rank": "max_lora_rank", "max_loras": "max_loras",
     "max_cpu_loras": "max_cpu_loras",
+    "routing": "routing", "prefix_bytes": "prefix_bytes", "session_header": "session_header",
 }
 _MODEL_FLAGS = {"enable_request_affinity": "enable_request_affinity", "enforce_eager": "enforce_eager",
                 "enable_lora": "enable_lora"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shlex
 import sys
@@ -168,7 +170,9 @@ def plan_json(plan: Plan) -> dict:
             {"model": p.model, "upstream": p.upstream, "servers": list(p.servers), "cap": p.cap, "served_names": list(p.served_names),
              "adapters": [{"name": a.name, "root": a.path, "parent": a.parent} for a in p.adapters],
              "route_names": list(p.route_names),
-             "last_resort_upstream": p.last_resort_upstream}
+             "last_resort_upstream": p.last_resort_upstream,
+             "routing": p.hash_key.routing if p.hash_key else "least_conn",
+             "hash_key": dataclasses.asdict(p.hash_key) if p.hash_key else None}
             for p in plan.pools
         ],
     }

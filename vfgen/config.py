@@ -33,6 +33,18 @@ DEFAULT_MIN_SHARE = 0.05
 DEFAULT_MAX_BODY_SIZE = "32m"
 
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+# How nginx picks a model's backend (docs: README "Routing"). `shape` is the old
+# enable_request_affinity; `prefix` and `session` keep a conversation on one backend
+# so vLLM's prefix cache hits, with bounded load (max_conns, then least_conn overflow).
+ROUTINGS = ("least_conn", "shape", "prefix", "session")
+# Bytes of the first message (or prompt) and of the first user message in the prefix key.
+# Measured (docs/benchmarks.md "Prefix routing"): 256 tells tenants' system prompts apart
+# and keeps the per-request regex and hash cost flat; more spreads no better.
+DEFAULT_PREFIX_BYTES = 256
+# PCRE repeats of one character class are not unrolled, so this is PCRE's own maximum.
+MAX_PREFIX_BYTES = 65535
+# nginx drops headers with '_' unless underscores_in_headers is on: letters, digits, '-'.
+_HEADER = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?")
 BACKENDS = ("systemd", "supervisord")
 # nginx access log: `default` leaves logging to nginx.conf; `json` writes one JSON object per request.
 ACCESS_LOGS = ("default", "json")
@@ -159,7 +171,9 @@ class ModelSpec:
     dtype: str | None = None
     enforce_eager: bool = False
     io_processor_plugin: str | None = None
-    affinity: bool = False
+    routing: str = "least_conn"  # one of ROUTINGS
+    prefix_bytes: int = DEFAULT_PREFIX_BYTES  # prefix and session routing
+    session_header: str | None = None  # session routing: header naming the session (else the `user` field)
     extra_args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     instance_env: tuple[tuple[tuple[str, str], ...], ...] = ()
@@ -300,6 +314,7 @@ def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deplo
     if deployment.default_model is not None and deployment.default_model not in deployment.all_served_names:
         raise v.error("default_model", default_model, f"is not a served name (served: {', '.join(deployment.all_served_names)})")
     _check_single_host(v, deployment)
+    _check_routing(v, deployment)
     _check_edge(v, deployment)
     _check_runtime_lora(v, deployment)
     if deployment.single_instance and deployment.access_log != "default":
@@ -372,6 +387,15 @@ def _check_single_host(v: "_Validator", d: Deployment) -> None:
     if d.single_instance and d.host not in ("127.0.0.1", d.listen):
         raise v.error("host", d.host, f"a single instance serves the user port on {v.label('listen')} itself and "
                       f"has no backend address; set {v.label('listen')} instead, or use 2 or more instances")
+
+
+def _check_routing(v: "_Validator", d: Deployment) -> None:
+    """Routing is nginx's job: a single instance serving the port itself has no nginx to route."""
+    m = d.models[0]
+    if d.single_instance and m.routing != "least_conn":
+        p = "models[0]." if v.source is not None else ""
+        raise v.error(f"{p}routing", m.routing, "needs the nginx dispatcher, but a single instance serves the port "
+                      "itself; use 2 or more instances")
 
 
 def _check_edge(v: "_Validator", d: Deployment) -> None:
@@ -482,6 +506,7 @@ _MODEL_KEYS = {
     "gpu_memory_utilization", "max_batch_size", "max_model_len", "dtype", "enforce_eager",
     "io_processor_plugin", "enable_request_affinity", "extra_args", "env", "instance_env", "env_file",
     "enable_lora", "lora_modules", "max_lora_rank", "max_loras", "max_cpu_loras",
+    "routing", "prefix_bytes", "session_header",
 }
 _LORA_KEYS = {"name", "path", "base_model_name"}
 
@@ -537,7 +562,7 @@ def _parse_model(v: "_Validator", raw: Any, index: int) -> ModelSpec:
         dtype=None if dtype is None else v.choice(f"{p}dtype", dtype, DTYPES),
         enforce_eager=v.boolean(f"{p}enforce_eager", data.get("enforce_eager", False)),
         io_processor_plugin=None if data.get("io_processor_plugin") is None else v.token(f"{p}io_processor_plugin", data["io_processor_plugin"]),
-        affinity=v.boolean(f"{p}enable_request_affinity", data.get("enable_request_affinity", False)),
+        **_routing(v, p, data),
         extra_args=v.extra_args(f"{p}extra_args", data.get("extra_args", [])),
         env=env,
         instance_env=instance_env,
@@ -695,6 +720,33 @@ def _lora_targets_of(source: str) -> tuple[str, frozenset[str]] | None:
     model_type = config.get("model_type") if isinstance(config, dict) else None
     known = _LORA_TARGETS.get(model_type) if isinstance(model_type, str) else None
     return (model_type, known) if known else None
+
+
+def _routing(v: "_Validator", p: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """routing, prefix_bytes, session_header; enable_request_affinity is the old spelling of routing: shape."""
+    affinity = v.boolean(f"{p}enable_request_affinity", data.get("enable_request_affinity", False))
+    routing = "shape" if affinity else "least_conn"
+    if data.get("routing") is not None:
+        routing = v.choice(f"{p}routing", data["routing"], ROUTINGS)
+        if affinity and routing != "shape":
+            raise v.error(f"{p}enable_request_affinity", True, f"means {v.label(f'{p}routing')} shape, "
+                          f"which contradicts {v.label(f'{p}routing')} {routing}; give one of them")
+    out: dict[str, Any] = {"routing": routing}
+    if data.get("prefix_bytes") is not None:
+        if routing not in ("prefix", "session"):
+            raise v.error(f"{p}prefix_bytes", data["prefix_bytes"], f"needs {v.label(f'{p}routing')} prefix or session "
+                          f"(routing is {routing})")
+        out["prefix_bytes"] = v.integer(f"{p}prefix_bytes", data["prefix_bytes"], low=16, high=MAX_PREFIX_BYTES)
+    if data.get("session_header") is not None:
+        if routing != "session":
+            raise v.error(f"{p}session_header", data["session_header"], f"needs {v.label(f'{p}routing')} session "
+                          f"(routing is {routing})")
+        header = v.text(f"{p}session_header", data["session_header"])
+        if not _HEADER.fullmatch(header):
+            raise v.error(f"{p}session_header", data["session_header"], "must be an HTTP header name of letters, digits "
+                          "and '-' (nginx ignores headers with '_'), at most 64 characters")
+        out["session_header"] = header
+    return out
 
 
 def _printable(text: str) -> str:

@@ -62,12 +62,33 @@ class Adapter:
 
 
 @dataclass(frozen=True)
+class HashKey:
+    """The recipe of the key a pool's hash upstream picks a backend by (render writes it as nginx maps).
+
+    shape: the body with its free-text fields cut out. prefix: the model, then
+    the first `prefix_bytes` of the conversation's first message (or prompt) and
+    of its first user message: one conversation keeps one key over all its
+    turns, and conversations that share only a system prompt still differ.
+    session: the `session_header` (when set), else the body's `session_field`,
+    else the prefix key.
+    """
+
+    routing: str  # shape | prefix | session
+    consistent: bool  # ring hashing: a full or failed backend's keys go to the next one on the ring
+    model: str  # literal part of the key: vLLM's prefix cache is per model
+    prefix_bytes: int
+    session_header: str | None = None  # nginx variable of the header, e.g. http_x_session_id
+    session_field: str | None = None  # JSON field of the body, "user" in the OpenAI API
+
+
+@dataclass(frozen=True)
 class Pool:
     """The nginx upstreams of one model."""
 
     model: str
     upstream: str  # least_conn pool with caps and backup overflow
-    affinity_upstream: str | None  # hash upstream tried first when affinity is on
+    affinity_upstream: str | None  # hash upstream tried first (routing shape, prefix or session)
+    hash_key: HashKey | None  # its key; None with least_conn
     servers: tuple[str, ...]  # host:port, one per backend instance
     cap: int  # max_conns per server = the model's max batch size
     overflow_cap: int | None  # max_conns of backup entries; None = no cap; 0 = no backup entries
@@ -445,7 +466,8 @@ def _pool(d: Deployment, m: ModelSpec, instances: list[Instance]) -> Pool:
     return Pool(
         model=m.key,
         upstream=upstream,
-        affinity_upstream=f"{upstream}-affinity" if m.affinity else None,
+        affinity_upstream=f"{upstream}-affinity" if m.routing != "least_conn" else None,
+        hash_key=_hash_key(m),
         servers=servers,
         cap=m.max_batch_size,
         overflow_cap=d.max_queue,
@@ -462,6 +484,23 @@ def _pool(d: Deployment, m: ModelSpec, instances: list[Instance]) -> Pool:
         keepalive=min(m.max_batch_size * len(servers), 512),
         adapters=tuple(Adapter(a.name, a.path, a.base_model_name or m.served_names[0]) for a in m.lora_modules),
         lora=m.enable_lora,
+    )
+
+
+def _hash_key(m: ModelSpec) -> HashKey | None:
+    if m.routing == "least_conn":
+        return None
+    session = m.routing == "session"
+    header = m.session_header.lower().replace("-", "_") if session and m.session_header else None
+    return HashKey(
+        routing=m.routing,
+        # shape keeps plain hashing (its spread is measured in tests/live/test_affinity.py);
+        # conversations need the ring, so that a backend's death moves only its own keys.
+        consistent=m.routing != "shape",
+        model=m.key,
+        prefix_bytes=m.prefix_bytes,
+        session_header=f"http_{header}" if header else None,
+        session_field="user" if session else None,
     )
 
 

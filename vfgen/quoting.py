@@ -45,6 +45,32 @@ def nginx_str(value: object) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+_NGINX_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def nginx_vars(parts: Iterable[tuple[str, str]]) -> str:
+    """A double-quoted nginx string of literal text, variables and captures: ("text", "a|"), ("var", "name"), ("capture", "1").
+
+    Literal parts may not hold `$`; variable names are checked, and written as
+    ${name} so that the text after one cannot extend its name.
+    """
+    out = []
+    for kind, value in parts:
+        if kind == "var":
+            if not _NGINX_VAR.fullmatch(value):
+                raise QuotingError(f"nginx variable name {value!r} is not [A-Za-z0-9_]")
+            out.append("${" + value + "}")
+        elif kind == "capture":
+            if not re.fullmatch(r"[1-9]", value):
+                raise QuotingError(f"regex capture {value!r} is not 1-9")
+            out.append("$" + value)
+        elif kind == "text":
+            out.append(nginx_str(value)[1:-1])
+        else:
+            raise QuotingError(f"nginx string part kind {kind!r}")
+    return '"' + "".join(out) + '"'
+
+
 def nginx_regex(pattern: str) -> str:
     """A double-quoted nginx string holding a regex verbatim (map keys are never variable-expanded)."""
     text = _refuse_control(pattern, "nginx regex")

@@ -23,6 +23,28 @@ from vfgen.plan import Instance, Plan
 # occurrence, and three maps cover typical requests (text + labels, a prompt).
 SHAPE_FIELDS = ("text", "input", "prompt", "content", "query")
 SHAPE_PASSES = 3
+# Prefix and session keys: one regex on the body per request, the first that matches
+# wins. A slice is a bounded, possessive repeat of one character class ([^"]): PCRE does
+# not unroll it (any bound up to 65535 compiles) and nothing backtracks into it. It ends
+# at the JSON string's end or at its first escaped quote, so every turn of a conversation
+# gives the same key. `content` may be a string or a list of {"type":"text","text":...}.
+_CONTENT = r'"content"\s*:\s*(?:\[\s*\{[^{}]*?"text"\s*:\s*)?"'
+_SLICE = r'([^"]{0,<N>}+)'
+KEY_REGEXES = (
+    # A system (or developer) prompt, then the first user message: conversations that share
+    # one system prompt still differ. Found when "role" is written before "content", as SDKs do.
+    # The rest of the system string is skipped by possessive runs (a lazy .*? would step
+    # byte by byte: measured 2x the CPU); the user message must follow it directly.
+    (r'~(?s)"messages"\s*:\s*\[\s*\{\s*"role"\s*:\s*"(?:system|developer)"\s*,\s*' + _CONTENT + _SLICE
+     + r'(?:(?:(?<=\\).)?(?:[^"\\]++|\\.)*+"(?:\s*\}\s*\])?\s*\}\s*,\s*\{\s*"role"\s*:\s*"user"\s*,\s*'
+     + _CONTENT + _SLICE + ")?", "$1|$2"),
+    # Any other first message (the user's own, or another key order).
+    (r'~(?s)"messages"\s*:\s*\[\s*\{[^{}]*?' + _CONTENT + _SLICE, "$1"),
+    (r'~(?s)"prompt"\s*:\s*(?:\[\s*)?"' + _SLICE, "$1"),
+    (r'~(?s)"prompt"\s*:\s*\[\s*([0-9][0-9,\s]{0,<N>}+)', "$1"),  # token ids
+)
+# The OpenAI `user` field (session routing).
+FIELD_REGEX = r'~(?s)"<FIELD>"\s*:\s*"([^"]{1,<N>}+)'
 # Matches an unescaped "model" key and captures its string value, escapes included.
 MODEL_FIELD_REGEX = r'~(?s)"model"\s*:\s*"(?<{name}>(?:[^"\\]|\\.)*)"'
 # Debian's prometheus-nginx-exporter package installs it here.
@@ -73,6 +95,7 @@ def environment() -> jinja2.Environment:
     env.filters.update(
         nginx_str=quoting.nginx_str,
         nginx_regex=quoting.nginx_regex,
+        nginx_vars=quoting.nginx_vars,
         systemd_exec=quoting.systemd_exec,
         systemd_env=quoting.systemd_env,
         supervisor_command=quoting.supervisor_command,
@@ -207,8 +230,9 @@ def render_nginx(plan: Plan) -> str:
             )
         ],
     })
+    key_maps, hash_exprs = _key_maps(plan)
     shape_maps = []
-    if any(pool.affinity_upstream for pool in plan.pools):
+    if any(pool.hash_key and pool.hash_key.routing == "shape" for pool in plan.pools):
         source = "$request_body"
         fields = "|".join(SHAPE_FIELDS)
         for n in range(1, SHAPE_PASSES + 1):
@@ -238,12 +262,61 @@ def render_nginx(plan: Plan) -> str:
         models_json=models_json,
         shape_maps=shape_maps,
         valid_utf8=VALID_UTF8_REGEX,
+        key_maps=key_maps,
+        hash_exprs=hash_exprs,
         api_keys_map=api_keys_path(d) if d.api_key_file else None,
         lora=any(pool.lora for pool in plan.pools),
         mon=plan.monitoring,
         log_fields=_log_fields(plan),
         last_resort_after_overflow=any(pool.affinity_upstream and pool.last_resort_upstream for pool in plan.pools),
     )
+
+
+def _key_maps(plan: Plan) -> tuple[list[dict], dict[str, list[tuple[str, str]]]]:
+    """nginx maps that build each prefix/session key, and each pool's `hash` expression (as parts)."""
+    p = plan.nginx_prefix
+    maps: list[dict] = []
+    exprs: dict[str, list[tuple[str, str]]] = {}
+    for pool in plan.pools:
+        key = pool.hash_key
+        if key is None:
+            continue
+        if key.routing == "shape":
+            exprs[pool.model] = [("var", f"{p}_shape")]
+            continue
+        k = f"{p}_{pool.model.replace('-', '_')}"
+        n = str(key.prefix_bytes)
+        maps.append({"comment": f"{pool.model}: the first {n} bytes of the first message (or prompt) "
+                                "and of the first user message",
+                     "source": "$request_body", "target": f"{k}_prefix", "default": [],
+                     "entries": [(regex.replace("<N>", n), _captures(value)) for regex, value in KEY_REGEXES]})
+        prefix = [("text", f"{key.model}|"), ("var", f"{k}_prefix")]
+        if key.routing == "prefix":
+            exprs[pool.model] = prefix
+            continue
+        field = f"{k}_{key.session_field}_field"
+        maps.append({"comment": f'{pool.model}: the "{key.session_field}" field', "source": "$request_body",
+                     "target": field, "default": [],
+                     "entries": [(FIELD_REGEX.replace("<N>", n).replace("<FIELD>", quoting.pcre_literal(key.session_field)),
+                                  [("capture", "1")])]})
+        by_field = f"{k}_session" if key.session_header is None else f"{k}_by_field"
+        maps.append({"comment": f'{pool.model}: session by the "{key.session_field}" field, else by prefix',
+                     "source": f"${field}", "target": by_field, "default": [("text", "u:"), ("var", field)],
+                     "entries": [("", [("text", "p:"), *prefix])]})
+        if key.session_header is not None:
+            maps.append({"comment": f"{pool.model}: session by header, else by field", "source": f"${key.session_header}",
+                         "target": f"{k}_session", "default": [("text", "h:"), ("var", key.session_header)],
+                         "entries": [("", [("var", by_field)])]})
+        exprs[pool.model] = [("var", f"{k}_session")]
+    return maps, exprs
+
+
+def _captures(value: str) -> list[tuple[str, str]]:
+    """"$1|$2" as nginx_vars parts."""
+    parts: list[tuple[str, str]] = []
+    for i, piece in enumerate(value.split("|")):
+        parts += [("text", "|")] * bool(i) + [("capture", piece.lstrip("$"))]
+    return parts
 
 
 def _listen(address: str, port: int) -> str:

@@ -172,3 +172,25 @@ def test_health_check_reaches_the_dispatcher_where_the_plan_says(listen, url):
     plan = plan_of(listen=listen, models=[{"model": "m", "instances": 2}])
     (dispatcher,) = [t for t in health_targets(plan) if t.kind == "dispatcher"]
     assert dispatcher.url == plan.dispatcher_url == url == plan_json(plan)["dispatcher"]["url"]
+
+
+def test_routing_key_recipes_are_plan_data():
+    from vfgen.plan import HashKey
+
+    plan = plan_of(models=[
+        {"model": "a", "name": "a", "instances": 2, "routing": "prefix", "prefix_bytes": 512},
+        {"model": "b", "name": "b", "instances": 2, "routing": "session", "session_header": "X-Session-ID"},
+        {"model": "c", "name": "c", "instances": 2, "routing": "session"},
+        {"model": "d", "name": "d", "instances": 2, "enable_request_affinity": True},
+        {"model": "e", "name": "e", "instances": 2},
+    ])
+    keys = {p.model: p.hash_key for p in plan.pools}
+    assert keys["a"] == HashKey(routing="prefix", consistent=True, model="a", prefix_bytes=512)
+    assert keys["b"] == HashKey(routing="session", consistent=True, model="b", prefix_bytes=256,
+                                session_header="http_x_session_id", session_field="user")
+    assert keys["c"].session_header is None and keys["c"].session_field == "user"
+    # The old flag is routing: shape, with plain (not ring) hashing as before.
+    assert keys["d"] == HashKey(routing="shape", consistent=False, model="d", prefix_bytes=256)
+    assert keys["e"] is None
+    assert {p.model: p.affinity_upstream for p in plan.pools} == {
+        "a": "vllm-a-affinity", "b": "vllm-b-affinity", "c": "vllm-c-affinity", "d": "vllm-d-affinity", "e": None}

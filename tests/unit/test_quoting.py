@@ -44,3 +44,13 @@ def test_supervisor_word_round_trips_through_shlex_after_percent_expansion(word)
     assert shlex.split(rendered.replace("%%", "%")) == [word]
     # configparser treats ';' or '#' after whitespace as a comment: never present unescaped.
     assert " ;" not in rendered and " #" not in rendered and "\t" not in rendered
+
+
+def test_nginx_vars_formats_text_variables_and_captures_and_refuses_the_rest():
+    from vfgen.quoting import QuotingError, nginx_vars
+
+    assert nginx_vars([("text", 'm|"x\\'), ("var", "a_b1"), ("text", "|"), ("capture", "1")]) == '"m|\\"x\\\\${a_b1}|$1"'
+    for bad in ([("text", "$host")], [("var", "a-b")], [("var", "1a")], [("capture", "0")], [("capture", "12")],
+                [("other", "x")], [("text", "a\nb")]):
+        with pytest.raises(QuotingError):
+            nginx_vars(bad)
