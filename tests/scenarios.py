@@ -19,6 +19,8 @@ SCENARIOS: dict[str, list[str]] = {
         "--", "--trust-remote-code", "--chat-template", "/etc/vllm/tmpl; }#.jinja",
     ],
     "four-prefix": ["org/chat", "-n", "4", "--routing", "prefix", "--prefix-bytes", "512", *BINS],
+    # Base model and adapter share the pool, not their caches: the key takes the request's "model".
+    "lora-prefix": ["org/chat", "-n", "2", "--routing", "prefix", "--lora-module", "sql=org/sql-lora", *BINS],
     "supervisord-two-gpus": ["org/m", "-n", "4", "--cuda-devices", "0,1", "--backend", "supervisord", "--user", "nobody",
                              "--env-file", "/etc/vfgen/secrets.env", *BINS],
     "lora-two-models": ["-f", str(ROOT / "tests" / "fixtures" / "lora" / "scenario.yaml"), *BINS],

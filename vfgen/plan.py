@@ -79,6 +79,9 @@ class HashKey:
     prefix_bytes: int
     session_header: str | None = None  # nginx variable of the header, e.g. http_x_session_id
     session_field: str | None = None  # JSON field of the body, "user" in the OpenAI API
+    # With LoRA adapters, base and adapters share the pool but not their caches: the key
+    # then takes the request's "model" instead of the literal model name.
+    by_request_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -501,6 +504,7 @@ def _hash_key(m: ModelSpec) -> HashKey | None:
         prefix_bytes=m.prefix_bytes,
         session_header=f"http_{header}" if header else None,
         session_field="user" if session else None,
+        by_request_model=m.enable_lora and m.routing != "shape",
     )
 
 

@@ -290,7 +290,15 @@ def _key_maps(plan: Plan) -> tuple[list[dict], dict[str, list[tuple[str, str]]]]
                                 "and of the first user message",
                      "source": "$request_body", "target": f"{k}_prefix", "default": [],
                      "entries": [(regex.replace("<N>", n), _captures(value)) for regex, value in KEY_REGEXES]})
-        prefix = [("text", f"{key.model}|"), ("var", f"{k}_prefix")]
+        model = [("text", f"{key.model}|")]
+        if key.by_request_model and plan.route_by_model:
+            model = [("var", f"{p}_model"), ("text", "|")]
+        elif key.by_request_model:
+            maps.append({"comment": f'{pool.model}: the "model" field (base model or LoRA adapter: caches differ)',
+                         "source": "$request_body", "target": f"{k}_model", "default": [],
+                         "entries": [(FIELD_REGEX.replace("<N>", "256").replace("<FIELD>", "model"), [("capture", "1")])]})
+            model = [("var", f"{k}_model"), ("text", "|")]
+        prefix = [*model, ("var", f"{k}_prefix")]
         if key.routing == "prefix":
             exprs[pool.model] = prefix
             continue
