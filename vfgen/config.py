@@ -38,8 +38,8 @@ DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 # so vLLM's prefix cache hits, with bounded load (max_conns, then least_conn overflow).
 ROUTINGS = ("least_conn", "shape", "prefix", "session")
 # Bytes of the first message (or prompt) and of the first user message in the prefix key.
-# Measured (docs/benchmarks.md "Prefix routing"): 256 tells tenants' system prompts apart
-# and keeps the per-request regex and hash cost flat; more spreads no better.
+# Measured (docs/benchmarks.md "Prefix routing"): the cheapest slice of those measured
+# (64, 256, 1024, 4096) that holds a first sentence; longer ones spread no better.
 DEFAULT_PREFIX_BYTES = 256
 # PCRE repeats of one character class are not unrolled, so this is PCRE's own maximum.
 MAX_PREFIX_BYTES = 65535
