@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from typer.core import TyperCommand
+
+try:  # typer >= 0.25 vendors its own click; its usage errors are not click's
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older typer on real click
+    from click.exceptions import UsageError
 
 from vfgen import __version__
 from vfgen.errors import VfgenError
@@ -47,11 +53,27 @@ def _main(
     _state["verbose"] = verbose
 
 
-def _fail(exc: BaseException) -> None:
+# `vfgen health check` is a monitoring check: a broken check (config or usage error) must not
+# read as "degraded" (1) or "down" (2), so it exits 3, UNKNOWN in the Nagios plugin convention.
+UNKNOWN = 3
+
+
+def _fail(exc: BaseException, code: int = 1) -> None:
     if _state["verbose"]:
         raise exc
     typer.secho(f"Error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
+
+
+class _CheckCommand(TyperCommand):
+    """A command whose usage errors (unknown option, bad number) exit UNKNOWN instead of 2."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as exc:
+            exc.exit_code = UNKNOWN
+            raise
 
 
 # --- deployment options shared by render, plan, health check and rollout ---------
@@ -163,10 +185,15 @@ def load_deployment(opts: dict[str, Any]):
             given = ["MODEL"] * (opts["model"] is not None) + sorted(model_opts)
             raise config.ConfigError("--file", str(opts["file"]), f"cannot be combined with per-model options ({', '.join(given)}); put them in the file")
         raw = config.read_file_mapping(opts["file"])
+        # A flag replaces the file's key however the file spells it (port-start or port_start).
+        raw = {k: val for k, val in raw.items() if str(k).replace("-", "_") not in overrides}
         raw.update(overrides)
         if timeouts:
-            raw["timeouts"] = {**(raw.get("timeouts") or {}), **timeouts}
-        return config.parse_deployment(raw, source=str(opts["file"]))
+            file_timeouts = raw.get("timeouts") or {}
+            if isinstance(file_timeouts, dict):  # anything else is reported against the file below
+                raw["timeouts"] = {**file_timeouts, **timeouts}
+        cli_fields = frozenset(overrides) | frozenset(f"timeouts.{k}" for k in timeouts)
+        return config.parse_deployment(raw, source=str(opts["file"]), cli_fields=cli_fields)
     if opts["model"] is None:
         raise config.ConfigError("MODEL", None, "give a model id or path, or a deployment file with -f")
     raw = {"models": [{"model": opts["model"], **model_opts}], **overrides}
@@ -175,13 +202,14 @@ def load_deployment(opts: dict[str, Any]):
     return config.parse_deployment(raw, source=None)
 
 
-def deployment_command(fn=None, *, optional: bool = False):
+def deployment_command(fn=None, *, optional: bool = False, error_exit: int = 1):
     """Give `fn` the shared deployment options; it receives `deployment` instead.
 
     With optional=True a command run without MODEL and -f gets deployment=None.
+    Errors exit `error_exit`.
     """
     if fn is None:
-        return functools.partial(deployment_command, optional=optional)
+        return functools.partial(deployment_command, optional=optional, error_exit=error_exit)
     own = [p for name, p in inspect.signature(fn).parameters.items() if name != "deployment"]
     params = [_P(name, _P.KEYWORD_ONLY, default=default, annotation=annot) for name, annot, default in _DEPLOYMENT_PARAMS]
     # The command's own arguments come before MODEL and [-- VLLM_ARGS...] (`vfgen lora load NAME PATH -f FILE`).
@@ -196,7 +224,7 @@ def deployment_command(fn=None, *, optional: bool = False):
             deployment = None if absent else load_deployment(opts)
             return fn(deployment=deployment, **kwargs)
         except VfgenError as exc:
-            _fail(exc)
+            _fail(exc, error_exit)
 
     wrapper.__signature__ = inspect.Signature([p.replace(kind=_P.KEYWORD_ONLY) for p in own_args] + params
                                               + [p.replace(kind=_P.KEYWORD_ONLY) for p in own])
@@ -251,8 +279,8 @@ def plan(
     commands.show_plan(deployment, as_json=as_json, out=sys.stdout)
 
 
-@health_app.command("check")
-@deployment_command(optional=True)
+@health_app.command("check", cls=_CheckCommand)
+@deployment_command(optional=True, error_exit=UNKNOWN)
 def health_check(
     deployment,
     url: Optional[List[str]] = typer.Option(None, "--url", help="Probe this base URL instead of a deployment (repeatable)."),
@@ -263,7 +291,8 @@ def health_check(
     """Probe every instance and the dispatcher of a deployment (same arguments as render), or --url URLs.
 
     Exit codes, as for a Nagios check: 0 all healthy, 1 degraded (some not
-    healthy), 2 nothing serving (all down, or the dispatcher down).
+    healthy), 2 nothing serving (all down, or the dispatcher down), 3 unknown
+    (the check itself is wrong: a config or usage error).
     """
     from vfgen import commands
 

@@ -55,6 +55,10 @@ def find_artefact(plan: Plan, emit: str) -> Artefact:
     """--emit NAME: a kind with one file (nginx, supervisord, prometheus), a file name or a path."""
     every = render_all(plan)
     matches = [a for a in every if emit in (a.name, a.path)]
+    if len(matches) > 1:
+        # nginx's conf.d/<name>.conf and supervisord's conf.d/<name>.conf share a file name.
+        choices = ", ".join(f"{a.path} (--emit {a.kind if _only_of_kind(every, a) else a.path})" for a in matches)
+        raise OutputError(f"--emit={emit!r} matches {len(matches)} files: {choices}; name one")
     if not matches:
         # A kind never selects a secret artefact (the API keys map): that one is printed only by name.
         of_kind = [a for a in every if a.kind == emit and not a.secret]
@@ -63,10 +67,19 @@ def find_artefact(plan: Plan, emit: str) -> Artefact:
         elif len(of_kind) > 1:
             names = ", ".join(a.name for a in of_kind)
             raise OutputError(f"--emit={emit!r} matches {len(of_kind)} files; name one: {names}")
+    if not matches and emit == "nginx" and not plan.dispatcher:
+        raise OutputError("--emit='nginx': a single instance has no dispatcher (vLLM serves the user port itself), "
+                          "so there is no nginx config; use 2 or more instances for one")
     if not matches:
-        names = ", ".join(sorted({a.kind for a in every} | {a.name for a in every}))
+        # A file name two artefacts share is offered by its path, which is unique.
+        names = ", ".join(sorted({a.kind for a in every} | {a.name if sum(b.name == a.name for b in every) == 1
+                                                             else a.path for a in every}))
         raise OutputError(f"--emit={emit!r}: no such artefact (choose from: {names})")
     return matches[0]
+
+
+def _only_of_kind(every: list[Artefact], art: Artefact) -> bool:
+    return sum(1 for a in every if a.kind == art.kind and not a.secret) == 1 and not art.secret
 
 
 def render(d: Deployment, *, emit: str | None, output_dir: Path | None, dry_run: bool, only: str, out: TextIO) -> None:
@@ -77,6 +90,8 @@ def render(d: Deployment, *, emit: str | None, output_dir: Path | None, dry_run:
         if output_dir is not None or dry_run:
             raise OutputError("--emit prints one file to stdout; it cannot be combined with --output-dir or --dry-run")
         art = find_artefact(plan, emit)
+        if only != "all" and art.path not in {a.path for a in select_artefacts(plan, only)}:
+            raise OutputError(f"--emit={emit!r}: {art.path} is not among the files of --only={only}")
         out.write(art.content)
         for secret in (s for s in render_all(plan) if s.secret and s.kind == art.kind and not art.secret):
             sys.stderr.write(f"Note: {art.name} includes /{secret.path}, a separate artefact with the API keys: "
@@ -162,12 +177,15 @@ def plan_json(plan: Plan) -> dict:
         ],
         "memory": [
             {"model": f.model, "gpu_bytes": f.gpu_bytes, "need_bytes": f.need_bytes, "min_bytes": f.min_bytes,
+             "weight_bytes": f.weight_bytes, "kv_bytes_per_token": f.kv_bytes_per_token,
+             "kv_bytes_per_sequence": f.kv_bytes_per_sequence, "max_model_len": f.max_model_len,
              "recommended_share": f.recommended_share, "instances_that_fit": f.instances_that_fit, "notes": list(f.notes)}
             for f in plan.memory
         ],
         "warnings": list(plan.warnings),
         "pools": [
-            {"model": p.model, "upstream": p.upstream, "servers": list(p.servers), "cap": p.cap, "served_names": list(p.served_names),
+            {"model": p.model, "upstream": p.upstream, "servers": list(p.servers), "cap": p.cap,
+             "overflow_cap": p.overflow_cap, "served_names": list(p.served_names),
              "adapters": [{"name": a.name, "root": a.path, "parent": a.parent} for a in p.adapters],
              "route_names": list(p.route_names),
              "last_resort_upstream": p.last_resort_upstream,

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +24,7 @@ from vfgen.memory import DEFAULT_BUDGET as DEFAULT_MEMORY_BUDGET
 from vfgen.memory import parse_size
 from vfgen.quoting import CONTROL_CHARS as _CONTROL
 from vfgen.quoting import ENV_NAME as _ENV_KEY
+from vfgen.memory import KV_CACHE_DTYPE_BYTES
 from vfgen.quoting import SURROGATES as _SURROGATE  # YAML "\ud800" escapes make them
 
 # Below 5% of a GPU an instance cannot hold even a small encoder plus its
@@ -97,6 +99,18 @@ _LORA_TARGETS = {
                   "embed_tokens", "lm_head"})
     for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 }
+# vLLM flags that would need GPUs vfgen does not give the instance (CUDA_VISIBLE_DEVICES holds
+# tensor_parallel_size GPUs): refused unless their value is 1.
+PLACEMENT_VLLM_FLAGS = {
+    "--pipeline-parallel-size": "pipeline stages need tensor_parallel_size x pipeline_parallel_size GPUs per instance, "
+                                "which vfgen does not place; use tensor_parallel_size",
+    "-pp": "pipeline stages need tensor_parallel_size x pipeline_parallel_size GPUs per instance, "
+           "which vfgen does not place; use tensor_parallel_size",
+    "--data-parallel-size": "run data-parallel replicas as `instances` (each gets its own GPUs, port and nginx entry)",
+    "-dp": "run data-parallel replicas as `instances` (each gets its own GPUs, port and nginx entry)",
+}
+# --kv-cache-dtype values vfgen can size (auto: the model's dtype).
+KV_CACHE_DTYPES = ("auto", *KV_CACHE_DTYPE_BYTES)
 
 _SLUG = re.compile(r"[a-z][a-z0-9-]{0,39}")
 USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")  # a system user name (useradd's default rule)
@@ -184,10 +198,20 @@ class ModelSpec:
     max_lora_rank: int | None = None  # None: vLLM's default (16)
     max_loras: int | None = None  # None: vLLM's default (1)
     max_cpu_loras: int | None = None  # None: vLLM's default (max_loras)
+    # vLLM flags in extra_args that change memory, read for the memory estimate (they still
+    # reach vLLM only through extra_args).
+    args_max_model_len: int | None = None
+    quantization: str | None = None
+    kv_cache_dtype: str | None = None
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.lora_modules)
+
+    @property
+    def context_length(self) -> int | None:
+        """--max-model-len as vLLM will get it, from the setting or the extra arguments."""
+        return self.max_model_len or self.args_max_model_len
 
 
 @dataclass(frozen=True)
@@ -231,6 +255,7 @@ class Deployment:
     nginx_status_port: int = DEFAULT_NGINX_STATUS_PORT
     alerts: Alerts = field(default_factory=Alerts)
     source: str | None = None
+    warnings: tuple[str, ...] = ()  # found while validating (defaults the user should know about)
 
     @property
     def single_instance(self) -> bool:
@@ -253,23 +278,61 @@ def read_file_mapping(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError("--file", source, f"cannot read: {exc.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError("--file", source, str(exc)) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError("--file", source, f"not valid YAML{where}") from None
+        raise ConfigError("--file", source, f"not valid YAML{_yaml_reason(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError("--file", source, "must be a mapping with a `models` list")
     return raw
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` keys may be overridden: that is what merging is for
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                    seen.setdefault(key, line)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not None:
+                    raise _DuplicateKey(f"duplicate key {_printable(str(key))!r} at line {line} "
+                                        f"(first at line {first}); give each key once")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """The parser's own reason with line and column, e.g. " at line 3, column 1: found character '\\t' ..."."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    parts = [p for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p]
+    return where + (": " + "; ".join(parts) if parts else "")
 
 
 def load_file(path: str | Path) -> Deployment:
     return parse_deployment(read_file_mapping(path), source=str(path))
 
 
-def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deployment:
-    """Validate a raw mapping (file or CLI) into a Deployment."""
-    v = _Validator(source)
+def parse_deployment(raw: Mapping[str, Any], source: str | None = None, cli_fields: frozenset[str] = frozenset()) -> Deployment:
+    """Validate a raw mapping (file or CLI) into a Deployment.
+
+    `cli_fields`: keys (`port`, `timeouts.start`) that came from command-line flags on top of
+    the file `source`; their errors name the flag, not the file.
+    """
+    v = _Validator(source, cli_fields)
     data = v.normalise(raw, "", _GLOBAL_KEYS)
     models_raw = data.get("models")
     if not isinstance(models_raw, list) or not models_raw:
@@ -283,6 +346,17 @@ def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deplo
         **{k: v.integer(f"timeouts.{k}", val, low=0 if k == "lock" else 1, high=86400) for k, val in timeouts_raw.items()}
     )
     default_model = data.get("default_model")
+    warnings: list[str] = []
+    if data.get("vfgen_bin") is not None:
+        vfgen_bin = v.executable("vfgen_bin", data["vfgen_bin"])
+    else:
+        vfgen_bin, problem = default_vfgen_bin()
+        warnings += [problem] if problem else []
+    gpu_memory = None if data.get("gpu_memory") is None else v.size("gpu_memory", data["gpu_memory"])
+    if gpu_memory is not None:
+        from vfgen.memory import size_reading
+
+        warnings += [f"{v.label('gpu_memory')}: {note}" for note in [size_reading(str(data["gpu_memory"]))] if note]
     deployment = Deployment(
         name=v.slug("name", data.get("name", "vllm")),
         models=models,
@@ -296,7 +370,7 @@ def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deplo
         backend=v.choice("backend", data.get("backend", "systemd"), BACKENDS),
         user=v.user("user", data.get("user", "vllm")),
         vllm_bin=v.executable("vllm_bin", data.get("vllm_bin", "vllm")),
-        vfgen_bin=v.executable("vfgen_bin", data.get("vfgen_bin", "vfgen")),
+        vfgen_bin=vfgen_bin,
         memory_budget=v.fraction("memory_budget", data.get("memory_budget", DEFAULT_MEMORY_BUDGET)),
         min_memory_share=v.fraction("min_memory_share", data.get("min_memory_share", DEFAULT_MIN_SHARE)),
         max_body_size=v.nginx_size("max_body_size", data.get("max_body_size", DEFAULT_MAX_BODY_SIZE)),
@@ -305,9 +379,10 @@ def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deplo
         lock_dir=v.safe_path("lock_dir", data.get("lock_dir", "/run/vfgen/locks")),
         log_dir=v.safe_path("log_dir", data.get("log_dir", "/var/log/supervisor")),
         default_model=None if default_model is None else v.served_name("default_model", default_model),
-        gpu_memory_bytes=None if data.get("gpu_memory") is None else v.size("gpu_memory", data["gpu_memory"]),
+        gpu_memory_bytes=gpu_memory,
         allow_runtime_lora_updating=v.boolean("allow_runtime_lora_updating", data.get("allow_runtime_lora_updating", False)),
         source=source,
+        warnings=tuple(warnings),
         **_edge(v, data),
         **_observability(v, data),
     )
@@ -324,6 +399,27 @@ def parse_deployment(raw: Mapping[str, Any], source: str | None = None) -> Deplo
         raise v.error("nginx_exporter", True,
                       "needs the nginx dispatcher, but a single instance serves the port itself; use 2 or more instances")
     return deployment
+
+
+# systemd resolves a bare ExecStart= command in this fixed list, not in anyone's PATH
+# (systemd.exec(5), "Command lines"); a venv or pipx directory is never on it.
+SYSTEMD_SEARCH_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+def default_vfgen_bin() -> tuple[str, str | None]:
+    """`vfgen` when systemd finds it by name, else the running vfgen's absolute path; or a warning."""
+    if any(os.access(os.path.join(d, "vfgen"), os.X_OK) for d in SYSTEMD_SEARCH_PATH):
+        return "vfgen", None
+    candidates = [sys.argv[0]] if os.path.basename(sys.argv[0]) == "vfgen" else []
+    # Under `python -m` or a test runner, the console script beside the interpreter (a venv's bin/).
+    candidates.append(os.path.join(os.path.dirname(sys.executable), "vfgen"))
+    for candidate in candidates:
+        path = os.path.abspath(candidate)
+        if os.path.isfile(path) and os.access(path, os.X_OK) and _EXECUTABLE.fullmatch(path):
+            return path, None
+    return "vfgen", ("`vfgen` is not on systemd's search path (" + ":".join(SYSTEMD_SEARCH_PATH) + ") and the running "
+                     "vfgen was not found: the units call bare `vfgen` and will fail to start (\"Command vfgen is not "
+                     "executable\"); pass --vfgen-bin /absolute/path/to/vfgen")
 
 
 def _edge(v: "_Validator", data: Mapping[str, Any]) -> dict[str, Any]:
@@ -512,7 +608,7 @@ _LORA_KEYS = {"name", "path", "base_model_name"}
 
 
 def _parse_model(v: "_Validator", raw: Any, index: int) -> ModelSpec:
-    p = f"models[{index}]." if v.source is not None else ""
+    p = v.model_prefix(index)
     if not isinstance(raw, dict):
         raise v.error(f"models[{index}]", raw, "must be a mapping")
     data = v.normalise(raw, p, _MODEL_KEYS)
@@ -535,7 +631,7 @@ def _parse_model(v: "_Validator", raw: Any, index: int) -> ModelSpec:
         raise v.error(f"{p}gpus", ",".join(gpus), f"{len(gpus)} GPU(s) cannot be split into groups of tensor_parallel_size={tp}")
 
     share_raw = data.get("gpu_memory_utilization", "auto")
-    share = None if share_raw in (None, "auto") else v.fraction(f"{p}gpu_memory_utilization", share_raw)
+    share = None if share_raw in (None, "auto") else v.fraction(f"{p}gpu_memory_utilization", share_raw, auto=True)
 
     env_raw = data.get("env") or {}
     if not isinstance(env_raw, dict):
@@ -544,11 +640,15 @@ def _parse_model(v: "_Validator", raw: Any, index: int) -> ModelSpec:
     inst_env_raw = data.get("instance_env") or []
     if not isinstance(inst_env_raw, list) or len(inst_env_raw) not in (0, instances):
         raise v.error(f"{p}instance_env", inst_env_raw, f"must be a list of {instances} mappings, one per instance")
+    for i, e in enumerate(inst_env_raw):
+        if e is not None and not isinstance(e, dict):
+            raise v.error(f"{p}instance_env[{i}]", e, "must be a mapping of NAME: value (one mapping per instance)")
     instance_env = tuple(
         tuple(v.env_pair(f"{p}instance_env[{i}]", k, val) for k, val in (e or {}).items())
         for i, e in enumerate(inst_env_raw)
     )
     dtype = data.get("dtype")
+    extra_args = v.extra_args(f"{p}extra_args", data.get("extra_args", []))
     spec = ModelSpec(
         key=key,
         source=source,
@@ -563,11 +663,12 @@ def _parse_model(v: "_Validator", raw: Any, index: int) -> ModelSpec:
         enforce_eager=v.boolean(f"{p}enforce_eager", data.get("enforce_eager", False)),
         io_processor_plugin=None if data.get("io_processor_plugin") is None else v.token(f"{p}io_processor_plugin", data["io_processor_plugin"]),
         **_routing(v, p, data),
-        extra_args=v.extra_args(f"{p}extra_args", data.get("extra_args", [])),
+        extra_args=extra_args,
         env=env,
         instance_env=instance_env,
         env_file=None if data.get("env_file") is None else v.safe_path(f"{p}env_file", data["env_file"]),
         **_lora_settings(v, data, p, names, source),
+        **_memory_args(v, f"{p}extra_args", extra_args),
     )
     for arg in spec.extra_args:
         setting = OPTIONAL_VLLM_FLAGS.get(arg.split("=", 1)[0])
@@ -749,6 +850,38 @@ def _routing(v: "_Validator", p: str, data: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
+def vllm_arg(args: tuple[str, ...], *flags: str) -> tuple[str, str] | None:
+    """(argument as written, value) of the first of `flags` in `args` (`--flag V` or `--flag=V`)."""
+    for i, arg in enumerate(args):
+        for flag in flags:
+            if arg == flag:
+                return arg, args[i + 1] if i + 1 < len(args) else ""
+            if arg.startswith(flag + "="):
+                return arg, arg[len(flag) + 1:]
+    return None
+
+
+def _memory_args(v: "_Validator", name: str, args: tuple[str, ...]) -> dict[str, Any]:
+    """The extra arguments the memory estimate must honour, validated."""
+    out: dict[str, Any] = {}
+    found = vllm_arg(args, "--max-model-len")
+    if found is not None:
+        if not re.fullmatch(r"[1-9][0-9]{0,8}", found[1]):
+            raise v.error(name, found[0] if "=" in found[0] else f"{found[0]} {found[1]}",
+                          "--max-model-len must be a whole number of tokens here: vfgen sizes the KV cache from it")
+        out["args_max_model_len"] = int(found[1])
+    found = vllm_arg(args, "--quantization", "-q")
+    if found is not None:
+        out["quantization"] = found[1]
+    found = vllm_arg(args, "--kv-cache-dtype")
+    if found is not None:
+        if found[1] not in KV_CACHE_DTYPES:
+            raise v.error(name, found[0] if "=" in found[0] else f"{found[0]} {found[1]}",
+                          f"--kv-cache-dtype must be one of: {', '.join(KV_CACHE_DTYPES)}")
+        out["kv_cache_dtype"] = found[1]
+    return out
+
+
 def _printable(text: str) -> str:
     """`text` for a field label: quoted and escaped when it holds control characters."""
     return repr(text) if _CONTROL.search(text) or _SURROGATE.search(text) else text
@@ -766,12 +899,14 @@ def _check_unique(v: "_Validator", models: tuple[ModelSpec, ...]) -> None:
     keys: dict[str, int] = {}
     names: dict[str, str] = {}  # served name or adapter name -> where it was defined
     for i, m in enumerate(models):
+        p = v.model_prefix(i)
         if m.key in keys:
-            raise v.error(f"models[{i}].name", m.key, f"same unit name as models[{keys[m.key]}]; set a distinct `name`")
+            raise v.error(f"{p}name", m.key, f"same unit name as models[{keys[m.key]}]; set a distinct `name`")
         keys[m.key] = i
         for n in m.served_names:
             if n in names:
-                raise v.error(f"models[{i}].served_model_name", n, f"already served by {names[n]}")
+                owner = "this model" if names[n] == f"models[{i}]" else names[n]
+                raise v.error(f"{p}served_model_name", n, f"already served by {owner}; give each name once")
             names[n] = f"models[{i}]"
     # Adapters after every served name: vLLM refuses an adapter named like a base model,
     # and nginx routes each name to exactly one pool.
@@ -806,11 +941,19 @@ _CLI_LABELS = {
 class _Validator:
     """Field checks that raise ConfigError with the field spelled as the user wrote it."""
 
-    def __init__(self, source: str | None):
+    def __init__(self, source: str | None, cli_fields: frozenset[str] = frozenset()):
         self.source = source
+        self.cli_fields = cli_fields
+
+    def model_prefix(self, index: int) -> str:
+        """`models[1].` in a file; nothing on the CLI, which has one model and flags for its fields."""
+        return f"models[{index}]." if self.source is not None else ""
+
+    def _from_cli(self, name: str) -> bool:
+        return self.source is None or re.sub(r"\[\d+\]$", "", name) in self.cli_fields
 
     def label(self, name: str) -> str:
-        if self.source is None:  # CLI: show the option name
+        if self._from_cli(name):  # CLI: show the option name
             base = re.sub(r"\[\d+\]$", "", name)
             if base.startswith("env."):
                 return f"--env {base[4:]}"
@@ -818,17 +961,23 @@ class _Validator:
         return name
 
     def error(self, name: str, value: Any, reason: str) -> ConfigError:
-        return ConfigError(self.label(name), value, reason, self.source)
+        # A flag given on top of -f FILE is the command line's fault, not the file's.
+        return ConfigError(self.label(name), value, reason, None if self._from_cli(name) else self.source)
 
     def normalise(self, raw: Any, prefix: str, allowed: set[str]) -> dict[str, Any]:
         if not isinstance(raw, Mapping):
             raise self.error(prefix.rstrip(".") or "file", raw, "must be a mapping")
         out: dict[str, Any] = {}
+        spelled: dict[str, str] = {}
         for k, val in raw.items():
             key = str(k).replace("-", "_")
             if key not in allowed:
                 raise self.error(f"{prefix}{_printable(str(k))}", val, f"unknown key (known: {', '.join(sorted(allowed))})")
+            if key in out:
+                raise self.error(f"{prefix}{_printable(str(k))}", val, f"same key as {_printable(spelled[key])!r} (dashes and "
+                                 "underscores are the same); give it once")
             out[key] = val
+            spelled[key] = str(k)
         return out
 
     def text(self, name: str, value: Any) -> str:
@@ -857,13 +1006,13 @@ class _Validator:
     def port(self, name: str, value: Any) -> int:
         return self.integer(name, value, 1, 65535)
 
-    def fraction(self, name: str, value: Any) -> float:
+    def fraction(self, name: str, value: Any, auto: bool = False) -> float:
         try:
             number = float(value) if not isinstance(value, bool) else None
         except (TypeError, ValueError):
             number = None
         if number is None or not 0.0 < number <= 1.0:
-            raise self.error(name, value, "must be a number in (0, 1], or `auto`" if "memory" in name else "must be a number in (0, 1]")
+            raise self.error(name, value, "must be a number in (0, 1], or `auto`" if auto else "must be a number in (0, 1]")
         return number
 
     def boolean(self, name: str, value: Any) -> bool:
@@ -1001,6 +1150,11 @@ class _Validator:
             flag = arg.split("=", 1)[0]
             if flag in MANAGED_VLLM_FLAGS:
                 raise self.error(name, arg, f"{flag} is set by vfgen; use the `{MANAGED_VLLM_FLAGS[flag]}` setting instead")
+        for flag, why in PLACEMENT_VLLM_FLAGS.items():
+            found = vllm_arg(tuple(args), flag)
+            if found is not None and found[1] != "1":
+                shown = found[0] if "=" in found[0] else f"{found[0]} {found[1]}"
+                raise self.error(name, shown, f"{flag} is not supported: {why}")
         return tuple(args)
 
 

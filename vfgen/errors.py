@@ -16,7 +16,9 @@ class ConfigError(VfgenError):
         self.reason = reason
         self.source = source
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}{field}={value!r}: {reason}")
+        # A missing value has nothing to show: `MODEL: ...`, never `MODEL=None: ...`.
+        shown = "" if value is None else f"={value!r}"
+        super().__init__(f"{where}{field}{shown}: {reason}")
 
 
 class PlanError(VfgenError):

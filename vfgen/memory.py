@@ -61,6 +61,9 @@ DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_BUDGET = 0.92
 NVIDIA_SMI_TIMEOUT = 5.0
 
+# --kv-cache-dtype values other than auto, by bytes per element (the same list as vfgen.config).
+KV_CACHE_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1,
+                        "fp8_inc": 1, "fp8_ds_mla": 1}
 DTYPE_BYTES = {
     "float16": 2, "half": 2,
     "bfloat16": 2,
@@ -100,6 +103,8 @@ class ModelMemory:
 
     weight_bytes: int
     kv_bytes_per_token: int    # 0 for encoder-only (pooling) models
+    kv_bytes_per_sequence: int  # KV of one sequence of max_model_len tokens (sliding windows applied)
+    max_model_len: int         # the context length the estimate used
     kv_bytes_workload: int     # KV for max_num_seqs x max_model_len; activations for encoders
     overhead_bytes: int        # runtime + CUDA graphs (+ decoder activations and logits)
     total_bytes: int           # weights + overhead + workload
@@ -140,6 +145,17 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise ConfigError("gpu_memory", text, "must be greater than zero")
     return size
+
+
+def size_reading(text: str) -> str | None:
+    """For a size in decimal units (GB, MB...): which reading was understood, and the binary spelling."""
+    match = _SIZE_RE.match(str(text))
+    if not match or _SIZE_UNITS.get(match.group(2).lower()) not in (10**3, 10**6, 10**9, 10**12):
+        return None
+    size = parse_size(text)
+    return (f"{text.strip()!r} is read as {size:,} bytes ({format_bytes(size)}: GB means 10^9 bytes); a card that "
+            f"nvidia-smi shows as {round(float(match.group(1)) * 1024)} MiB has {match.group(1)} GiB: "
+            f"write {match.group(1)}GiB for that")
 
 
 def format_bytes(size: int) -> str:
@@ -196,6 +212,8 @@ def estimate(
     tensor_parallel_size: int = 1,
     enforce_eager: bool = False,
     pooling: bool | None = None,
+    quantization: str | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> ModelMemory:
     """Estimate the per-GPU memory of one vLLM instance from config.json (and safetensors sizes)."""
     if config is None and model_dir is None:
@@ -224,7 +242,14 @@ def estimate(
                           source=source)
 
     weight_bytes = _weight_bytes(model_dir, cfg, arch, act_bytes, notes)
+    weight_bytes = _quantized_weight_bytes(weight_bytes, cfg, act_bytes, quantization, notes)
     weight_bytes = -(-weight_bytes // tensor_parallel_size)
+    kv_bytes = act_bytes
+    if kv_cache_dtype not in (None, "auto"):
+        kv_bytes = KV_CACHE_DTYPE_BYTES.get(kv_cache_dtype, 0)
+        if not kv_bytes:
+            raise ConfigError("kv_cache_dtype", kv_cache_dtype, f"use one of {', '.join(sorted(KV_CACHE_DTYPE_BYTES))}")
+        notes.append(f"--kv-cache-dtype {kv_cache_dtype}: {kv_bytes}-byte KV cache")
 
     overhead = RUNTIME_BYTES + (TP_COMM_BYTES if tensor_parallel_size > 1 else 0)
     if enforce_eager:
@@ -237,15 +262,16 @@ def estimate(
     if arch.encoder:
         # No KV cache: the memory that grows with the workload is one batch of activations.
         kv_per_token = 0
+        kv_sequence = 0
         batch_tokens = min(max_num_seqs * max_model_len, max(PROFILE_BATCHED_TOKENS, max_model_len))
         workload = batch_tokens * per_token_activation // tensor_parallel_size
         one_sequence = max_model_len * per_token_activation // tensor_parallel_size
         notes.append("encoder (pooling): no KV cache; workload is activations for one batch")
     else:
-        layer_kv = _kv_bytes_per_layer(cfg, arch, act_bytes, tensor_parallel_size, notes)
+        layer_kv = _kv_bytes_per_layer(cfg, arch, kv_bytes, tensor_parallel_size, notes)
         kv_per_token = sum(layer_kv)
         windows = _sliding_windows(cfg, arch.layers)
-        steady = _sequence_kv(layer_kv, windows, max_model_len, extra=0)
+        steady = kv_sequence = _sequence_kv(layer_kv, windows, max_model_len, extra=0)
         workload = max_num_seqs * steady
         # vLLM admits a request only if its KV fits, counting a full prefill chunk past the window.
         one_sequence = _sequence_kv(layer_kv, windows, max_model_len, extra=PROFILE_BATCHED_TOKENS - 1)
@@ -263,6 +289,8 @@ def estimate(
     return ModelMemory(
         weight_bytes=weight_bytes,
         kv_bytes_per_token=kv_per_token,
+        kv_bytes_per_sequence=kv_sequence,
+        max_model_len=max_model_len,
         kv_bytes_workload=workload,
         overhead_bytes=overhead,
         total_bytes=weight_bytes + overhead + workload,
@@ -282,14 +310,25 @@ def instances_that_fit(mem: ModelMemory, gpu_bytes: int, budget: float = DEFAULT
     return int(round(budget * 100)) // share
 
 
-def share_warning(mem: ModelMemory, gpu_bytes: int, share: float) -> str | None:
-    """A warning when `share` of the GPU cannot hold the weights plus one full-length sequence."""
+def share_warning(mem: ModelMemory, gpu_bytes: int, share: float, given: frozenset[str] = frozenset()) -> str | None:
+    """A warning when `share` of the GPU cannot hold the weights plus one full-length sequence.
+
+    `given`: the vLLM flags the user already set (--max-model-len, --kv-cache-dtype), which the
+    advice then names as "shorter"/already used instead of offering them as new.
+    """
     granted = int(share * gpu_bytes)
     if granted >= mem.min_bytes:
         return None
+    advice = [f"Use at least {_hundredths(mem.min_bytes, gpu_bytes) / 100:.2f}", "fewer instances"]
+    if "--max-model-len" in given:
+        advice.append(f"a --max-model-len below {mem.max_model_len}")
+    else:
+        advice.append(f"--max-model-len below the model's {mem.max_model_len}")
+    if "--kv-cache-dtype" not in given and mem.kv_bytes_per_token:
+        advice.append("--kv-cache-dtype fp8")
     return (f"--gpu-memory-utilization {share:.2f} gives {format_bytes(granted)}, but weights, runtime and one "
-            f"full-length sequence need {format_bytes(mem.min_bytes)}; vLLM will refuse to start. Use at least "
-            f"{_hundredths(mem.min_bytes, gpu_bytes) / 100:.2f}, fewer instances, or a shorter --max-model-len.")
+            f"full-length sequence ({mem.max_model_len} tokens) need {format_bytes(mem.min_bytes)}; vLLM will refuse to start. "
+            f"{', '.join(advice[:-1])} or {advice[-1]}.")
 
 
 def _hundredths(need: int, gpu_bytes: int) -> int:
@@ -446,6 +485,23 @@ def _weight_bytes(model_dir: str | Path | None, cfg: dict, arch: _Arch, dtype_by
             return params * bits // 8
     notes.append(f"weights from the architecture: {params / 1e9:.3f}B parameters x {dtype_bytes} bytes")
     return params * dtype_bytes
+
+
+# --quantization methods that quantize an unquantized checkpoint while loading, by bits per weight.
+ONLINE_QUANTIZATION_BITS = {"fp8": 8, "fbgemm_fp8": 8, "ptpc_fp8": 8, "bitsandbytes": 4}
+
+
+def _quantized_weight_bytes(stored: int, cfg: dict, dtype_bytes: int, quantization: str | None, notes: list[str]) -> int:
+    """Weights under --quantization: a quantized checkpoint is already counted as stored."""
+    if quantization is None or cfg.get("quantization_config"):
+        return stored
+    bits = ONLINE_QUANTIZATION_BITS.get(quantization)
+    if bits is None:
+        raise ConfigError("--quantization", quantization,
+                          "this method needs a quantized checkpoint (config.json has no quantization_config), so vfgen "
+                          f"cannot size it; online quantization it can size: {', '.join(ONLINE_QUANTIZATION_BITS)}")
+    notes.append(f"--quantization {quantization}: weights quantized to {bits} bits while loading")
+    return stored * bits // (8 * dtype_bytes)
 
 
 def _safetensors_bytes(directory: Path, notes: list[str]) -> int | None:

@@ -154,6 +154,10 @@ class MemoryFit:
     recommended_share: float
     instances_that_fit: int
     notes: tuple[str, ...]
+    weight_bytes: int = 0  # per GPU
+    kv_bytes_per_token: int = 0  # per GPU
+    kv_bytes_per_sequence: int = 0  # one max_model_len-token sequence, per GPU
+    max_model_len: int = 0  # the context length estimated
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,7 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
     placements = _place(d)
     shares = _memory_shares(d, placements)
     memory, warnings = _memory_fits(d, placements, shares, gpu_bytes or d.gpu_memory_bytes)
-    warnings += _secret_warnings(d)
+    warnings = d.warnings + warnings + _secret_warnings(d)
     total = len(placements)
     single = d.single_instance
     ports = _ports(d, total, single)
@@ -324,30 +328,47 @@ def _memory_shares(d: Deployment, placements) -> list[float]:
 
 def _memory_fits(d: Deployment, placements, shares, gpu_bytes: int | None):
     """Estimate local models; an auto share too small to start is an error, an explicit one a warning."""
-    if not gpu_bytes:
-        return (), ()
     from vfgen import memory
+    from vfgen.errors import ConfigError
 
-    fits, warnings = [], []
-    for m in d.models:
-        model_dir = local_model_dir(m.source)
-        if model_dir is None:
-            continue
-        mem = memory.estimate(
-            model_dir, dtype=m.dtype or "auto", max_num_seqs=m.max_batch_size, max_model_len=m.max_model_len,
-            tensor_parallel_size=m.tensor_parallel_size, enforce_eager=m.enforce_eager,
-            pooling=True if _runner_is_pooling(m.extra_args) else None,
-        )
+    local = [(m, local_model_dir(m.source)) for m in d.models]
+    warnings = [f"{m.key}: model path {m.source} does not exist on this machine; vLLM will fail to start unless "
+                "it exists on the GPU host" for m, found in local if found is None and m.source.startswith("/")
+                and not Path(m.source).exists()]
+    local = [(m, found) for m, found in local if found is not None]
+    if local and not gpu_bytes:
+        return (), tuple(warnings) + ("GPU size unknown: memory not checked; pass --gpu-memory (e.g. 80GiB)",)
+    fits = []
+    for m, model_dir in local:
+        try:
+            mem = memory.estimate(
+                model_dir, dtype=m.dtype or "auto", max_num_seqs=m.max_batch_size, max_model_len=m.context_length,
+                tensor_parallel_size=m.tensor_parallel_size, enforce_eager=m.enforce_eager,
+                pooling=True if _runner_is_pooling(m.extra_args) else None,
+                quantization=m.quantization, kv_cache_dtype=m.kv_cache_dtype,
+            )
+        except ConfigError as exc:
+            raise PlanError(f"{m.key}: {exc}") from None
         if m.enable_lora:
             mem = _with_lora(memory, mem, model_dir, m)
+        fit = memory.instances_that_fit(mem, gpu_bytes, d.memory_budget)
         fits.append(MemoryFit(m.key, gpu_bytes, mem.total_bytes, mem.min_bytes, memory.recommend_share(mem, gpu_bytes),
-                              memory.instances_that_fit(mem, gpu_bytes, d.memory_budget), mem.notes))
+                              fit, mem.notes, mem.weight_bytes, mem.kv_bytes_per_token, mem.kv_bytes_per_sequence,
+                              mem.max_model_len))
         share = min(s for (pm, _, _), s in zip(placements, shares) if pm is m)
-        problem = memory.share_warning(mem, gpu_bytes, share)
+        given = frozenset(["--max-model-len"] * bool(m.context_length) + ["--kv-cache-dtype"] * bool(m.kv_cache_dtype))
+        problem = memory.share_warning(mem, gpu_bytes, share, given)
         if problem and m.memory_share is None:
             raise PlanError(_budget_error(d, placements, f"{m.key}: the auto share {share:.2f} cannot start it: {problem}"))
         if problem:
             warnings.append(f"{m.key}: {problem}")
+            continue
+        per_gpu = max(sum(1 for pm, _, gpus in placements if pm is m and g in gpus) for g in m.gpus)
+        if per_gpu > fit:
+            warnings.append(f"{m.key}: {per_gpu} instance(s) planned per GPU, but only {fit} fit with room for the full workload "
+                            f"({m.max_batch_size} sequences of {mem.max_model_len} tokens at share "
+                            f"{memory.recommend_share(mem, gpu_bytes):.2f}); each gets {share:.2f}, so vLLM will run "
+                            "fewer sequences at once than max_batch_size")
     return tuple(fits), tuple(warnings)
 
 

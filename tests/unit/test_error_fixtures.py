@@ -2,9 +2,10 @@
 
 tests/fixtures/errors/*.yaml are deployment files run as
 `vfgen render -f FILE --output-dir DIR`; tests/fixtures/cli-errors/*.args
-hold one command line. Header lines `# expect-exit: N` and
-`# expect-stderr: TEXT` (repeatable) are the assertions. Every case must
-also leave the output directory empty and print no traceback.
+hold one command line ({ROOT} is the repository, {FIXTURES} tests/fixtures, {NL} a newline). Header
+lines `# expect-exit: N`, `# expect-stderr: TEXT` and `# reject-stderr: TEXT`
+(both repeatable) are the assertions. Every case must also leave the output
+directory empty and print no traceback.
 """
 
 from __future__ import annotations
@@ -18,19 +19,22 @@ from typer.testing import CliRunner
 from vfgen.cli import app
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
+ROOT = FIXTURES.parent.parent
 
 
-def _expectations(path: Path) -> tuple[int, list[str], list[str]]:
-    code, stderr, body = None, [], []
+def _expectations(path: Path) -> tuple[int, list[str], list[str], list[str]]:
+    code, stderr, rejected, body = None, [], [], []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.startswith("# expect-exit:"):
             code = int(line.split(":", 1)[1])
         elif line.startswith("# expect-stderr:"):
             stderr.append(line.split(":", 1)[1].strip())
+        elif line.startswith("# reject-stderr:"):
+            rejected.append(line.split(":", 1)[1].strip())
         elif line.strip() and not line.startswith("#"):
             body.append(line)
     assert code is not None and stderr, f"{path.name}: fixture lacks expect-exit / expect-stderr"
-    return code, stderr, body
+    return code, stderr, rejected, body
 
 
 def _run(argv: list[str]):
@@ -38,12 +42,14 @@ def _run(argv: list[str]):
 
 
 def _check(path: Path, argv: list[str], out_dir: Path) -> None:
-    code, expected, _ = _expectations(path)
+    code, expected, rejected, _ = _expectations(path)
     result = _run(argv)
     stderr = result.stderr
     assert result.exit_code == code, f"{path.name}: exit {result.exit_code}, stderr: {stderr}"
     for text in expected:
         assert text in stderr, f"{path.name}: {text!r} not in stderr:\n{stderr}"
+    for text in rejected:
+        assert text not in stderr, f"{path.name}: {text!r} in stderr:\n{stderr}"
     assert "Traceback" not in stderr + result.stdout
     if code == 1:
         assert stderr.startswith("Error: "), stderr
@@ -63,11 +69,12 @@ def test_deployment_file_errors(path: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", sorted((FIXTURES / "cli-errors").glob("*.args")), ids=lambda p: p.stem)
 def test_cli_errors(path: Path, tmp_path: Path) -> None:
-    _, _, body = _expectations(path)
-    argv = [a.replace("{NL}", "\n").replace("{FIXTURES}", str(FIXTURES)) for a in shlex.split(body[0])]
+    *_, body = _expectations(path)
+    argv = [a.replace("{NL}", "\n").replace("{FIXTURES}", str(FIXTURES)).replace("{ROOT}", str(ROOT)) for a in shlex.split(body[0])]
     out = tmp_path / "out"
     if argv[0] == "render" and "--emit" not in argv:
-        argv += ["--output-dir", str(out)]
+        split = argv.index("--") if "--" in argv else len(argv)
+        argv[split:split] = ["--output-dir", str(out)]
     _check(path, argv, out)
 
 
