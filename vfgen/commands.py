@@ -29,8 +29,11 @@ def make_plan(d: Deployment) -> Plan:
         from vfgen.memory import detect_gpu_memory
 
         gpu_bytes = detect_gpu_memory()
+    # The deployment's own warnings (which unit a size was read in...) first: they explain a PlanError too.
+    for warning in d.warnings:
+        sys.stderr.write(f"Warning: {warning}\n")
     plan = build_plan(d, gpu_bytes)
-    for warning in plan.warnings:
+    for warning in plan.warnings[len(d.warnings):]:
         sys.stderr.write(f"Warning: {warning}\n")
     return plan
 

@@ -319,7 +319,7 @@ def _memory_shares(d: Deployment, placements) -> list[float]:
         if share < d.min_memory_share - 1e-9:
             raise PlanError(_budget_error(
                 d, placements,
-                f"{m.key} instance {k} would get gpu-memory-utilization {share:.2f}, below the floor {d.min_memory_share:.2f}; "
+                f"{m.key} instance {k} would get gpu-memory-utilization {share:.2f}, below the floor {d.min_memory_share:.2f} (min_memory_share, docs/memory.md); "
                 "use fewer instances, more GPUs, or set memory shares explicitly",
             ))
         shares.append(share)
