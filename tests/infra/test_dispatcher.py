@@ -51,19 +51,30 @@ def test_dispatcher_listens_where_configured(host, dispatcher_deployments: list[
         assert (listen, port) in sockets, f"nginx does not listen on {listen}:{port}: {sorted(s for s in sockets if s[1] == port)}"
 
 
+def check_pool_servers(conf: str, pool: dict, expected_hosts: list[str]) -> None:
+    """One pool of `vfgen plan --json` against its upstream block: capped primaries and the planned overflow."""
+    assert "overflow_cap" in pool, "`vfgen plan --json` on the host has no overflow_cap: upgrade vfgen there"
+    lines = _upstream_servers(conf, pool["upstream"])
+    primaries = [line.split()[0] for line in lines if f"max_conns={pool['cap']}" in line and "backup" not in line]
+    backups = [line for line in lines if "backup" in line.split()]
+    assert sorted(primaries) == sorted(pool["servers"]), f"{pool['upstream']}: {lines}"
+    cap = pool["overflow_cap"]  # None: uncapped backups; N > 0: backups capped at N; 0: no backups
+    if cap == 0:
+        assert backups == [], f"{pool['upstream']}: --max-queue 0 plans no overflow, but: {backups}"
+    else:
+        assert sorted(b.split()[0] for b in backups) == sorted(pool["servers"]), f"{pool['upstream']} overflow: {lines}"
+        caps = {re.search(r"max_conns=(\d+)", b).group(1) if "max_conns=" in b else None for b in backups}
+        assert caps == {None if cap is None else str(cap)}, f"{pool['upstream']} overflow caps {caps}, planned {cap}"
+    if expected_hosts:  # remote load balancer: every GPU host's instances, as host:port
+        hosts = {s.rpartition(":")[0].strip("[]") for s in pool["servers"]}
+        assert hosts == set(expected_hosts), f"{pool['upstream']} spans {sorted(hosts)}, not {expected_hosts}"
+
+
 def test_upstreams_span_every_backend_with_caps_and_overflow(host, dispatcher_deployments: list[Deployment]) -> None:
     for d in dispatcher_deployments:
         conf = host.file(d.nginx_conf).content_string
-        expected_hosts = d.raw.get("upstream_hosts") or []
         for pool in d.plan["pools"]:
-            lines = _upstream_servers(conf, pool["upstream"])
-            primaries = [line.split()[0] for line in lines if f"max_conns={pool['cap']}" in line and "backup" not in line]
-            backups = [line.split()[0] for line in lines if "backup" in line]
-            assert sorted(primaries) == sorted(pool["servers"]), f"{pool['upstream']}: {lines}"
-            assert not backups or sorted(backups) == sorted(pool["servers"]), f"{pool['upstream']} overflow: {lines}"
-            if expected_hosts:  # remote load balancer: every GPU host's instances, as host:port
-                hosts = {s.rpartition(":")[0].strip("[]") for s in pool["servers"]}
-                assert hosts == set(expected_hosts), f"{pool['upstream']} spans {sorted(hosts)}, not {expected_hosts}"
+            check_pool_servers(conf, pool, d.raw.get("upstream_hosts") or [])
 
 
 def test_every_backend_answers_from_here(host, dispatcher_deployments: list[Deployment]) -> None:

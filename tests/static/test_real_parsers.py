@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.harness.tools import require_tool
+from tests.harness.tools import missing, require_tool
 from tests.scenarios import SCENARIOS
 from vfgen.cli import app, load_deployment
 
@@ -127,8 +127,10 @@ def _exec_start_words(unit_text: str) -> str:
 @pytest.mark.parametrize("name", [n for n in sorted(SCENARIOS) if n.startswith(("four", "supervisord"))])
 def test_supervisord_parser_reads_back_every_argv(name: str, tmp_path: Path) -> None:
     """supervisord's real parser (configparser + %-expansion + shlex) yields the planned argv."""
-    pytest.importorskip("supervisor", reason="pip install supervisor (the test extra)")
-    from supervisor.options import ServerOptions
+    try:
+        from supervisor.options import ServerOptions
+    except ImportError:
+        missing("the supervisor Python package", "pip install supervisor (the test extra)")
 
     from vfgen.plan import build_plan
     from vfgen.render import launch_argv

@@ -14,6 +14,7 @@ import pytest
 from tests.harness import nspawn
 from tests.harness.nspawn import Container, ContainerBootError, booted_container, leftovers, python_env_binds
 from tests.harness.procs import free_port
+from tests.harness.tools import missing
 from tests.harness.waiting import wait_until
 
 pytestmark = pytest.mark.systemd
@@ -103,12 +104,13 @@ def test_host_python_environment_works_inside(container: Container) -> None:
     assert vfgen_file.strip() == str(nspawn.REPO_ROOT / "vfgen" / "__init__.py")
     # Console scripts carry the host interpreter's path in their shebang.
     installed_vfgen = Path(sys.executable).with_name("vfgen")
-    if installed_vfgen.exists():  # after `pip install -e .`, the .pth points into the bound repo
-        assert container.run([str(installed_vfgen), "--help"]).stdout.startswith("Usage: vfgen")
+    if not installed_vfgen.exists():  # after `pip install -e .`, the .pth points into the bound repo
+        missing(f"the vfgen console script beside {sys.executable}", "pip install -e .")
+    assert container.run([str(installed_vfgen), "--help"]).stdout.startswith("Usage: vfgen")
     scripts = [Path(sys.executable).with_name("pytest"), Path(sys.base_prefix) / "bin" / "pytest"]
     script = next((s for s in scripts if s.exists()), None)
     if script is None:
-        pytest.skip(f"no pytest console script in {scripts}")
+        missing(f"a pytest console script ({', '.join(map(str, scripts))})", "pip install pytest")
     assert container.run([str(script), "--version"]).stdout.startswith("pytest ")
 
 
