@@ -576,6 +576,36 @@ class StopDuringStream:
     def caught_every_choice(self) -> bool:
         return self.draining is not None and int(self.draining.group(1)) == DRAIN_CHOICES
 
+    def cut_stream(self) -> list[str]:
+        """What is wrong with this attempt's stream even when the stop missed the window.
+
+        A missed attempt may leave choices vLLM never admitted without a token (its drain
+        gap, docs/vllm-cpu.md), but never an error, a cut connection, a choice stopped
+        halfway, fewer complete choices than it drained, or usage that miscounts the tokens.
+        """
+        s = self.stream
+        if s.failure or s.status != 200:
+            return [f"status {s.status}, failure {s.failure}"]
+        found = []
+        if not s.events or s.events[-1][1] != "[DONE]":
+            found.append(f"does not end with [DONE]: {s.events[-1:]}")
+        chunks = s.chunks()
+        errors = [c["error"] for c in chunks if "error" in c]
+        if errors:
+            found.append(f"error chunks {errors[:2]}")
+        counts = s.tokens_per_choice()
+        partial = {i: n for i, n in counts.items() if n not in (0, LONG_STREAM_TOKENS)}
+        if partial:
+            found.append(f"choices stopped halfway {partial}")
+        complete = sum(1 for n in counts.values() if n == LONG_STREAM_TOKENS)
+        drained = int(self.draining.group(1)) if self.draining else 0
+        if complete < drained:
+            found.append(f"{complete} complete choices, but vLLM drained {drained}")
+        usage = chunks[-1].get("usage") if chunks else None
+        if not usage or usage.get("completion_tokens") != sum(counts.values()):
+            found.append(f"usage {usage}, but the stream carried {sum(counts.values())} tokens")
+        return found
+
 
 def _stop_during_stream(d: LiveDeployment, ctl: subprocess.Popen, ctl_out: Path, shutdown: int) -> StopDuringStream:
     """Start a 16-choice stream, `supervisorctl stop` its instance while it runs, wait for the end."""
@@ -654,6 +684,9 @@ def test_supervisorctl_stop_lets_the_in_flight_stream_finish(cpu_deployment: Liv
                f"{after_stop} of {len(a.stream.events)} events after the stop; finish reasons {sorted(set(finished))} "
                f"x{len(finished)}; stream problems {problems}; requests meanwhile: {a.during.summary()}")
         assert not a.during.failed, a.during.summary()
+        # Every attempt's stream, not only the last one's: a missed window excuses only
+        # choices vLLM never admitted, nothing else.
+        assert not a.cut_stream(), f"attempt {attempt}: {a.cut_stream()}"
         if a.caught_every_choice or attempt == 3:
             break
         d.supervisorctl("start", a.program, timeout=60)
