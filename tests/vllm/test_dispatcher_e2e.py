@@ -186,21 +186,28 @@ class Stream:
                 counts[choice["index"]] = counts.get(choice["index"], 0) + len(logprobs.get("content") or [])
         return counts
 
+    def broken(self) -> list[str]:
+        """Transport-level faults: not a 200, a cut connection, no [DONE] at the end, error chunks."""
+        if self.failure or self.status != 200:
+            return [f"status {self.status}, failure {self.failure}"]
+        found = []
+        if not self.events or self.events[-1][1] != "[DONE]":
+            found.append(f"does not end with [DONE]: {self.events[-1:]}")
+        errors = [c["error"] for c in self.chunks() if "error" in c]
+        if errors:
+            found.append(f"error chunks {errors[:2]}")
+        return found
+
     def problems(self, choices: int, tokens_per_choice: int) -> list[str]:
         """Why this stream is not a complete, error-free generation of the tokens asked for.
 
         Tokens are counted per choice from the logprobs: a stream vLLM cut short in a drain
         still ends with [DONE] and a usage chunk (counting only the choices it generated).
         """
+        found = self.broken()
         if self.failure or self.status != 200:
-            return [f"status {self.status}, failure {self.failure}"]
-        found = []
-        if not self.events or self.events[-1][1] != "[DONE]":
-            found.append(f"does not end with [DONE]: {self.events[-1:]}")
+            return found
         chunks = self.chunks()
-        errors = [c["error"] for c in chunks if "error" in c]
-        if errors:
-            found.append(f"error chunks {errors[:2]}")
         counts = self.tokens_per_choice()
         if counts != {index: tokens_per_choice for index in range(choices)}:
             found.append(f"tokens per choice {counts}, expected {tokens_per_choice} for each of {choices}")
@@ -584,15 +591,10 @@ class StopDuringStream:
         halfway, fewer complete choices than it drained, or usage that miscounts the tokens.
         """
         s = self.stream
+        found = s.broken()
         if s.failure or s.status != 200:
-            return [f"status {s.status}, failure {s.failure}"]
-        found = []
-        if not s.events or s.events[-1][1] != "[DONE]":
-            found.append(f"does not end with [DONE]: {s.events[-1:]}")
+            return found
         chunks = s.chunks()
-        errors = [c["error"] for c in chunks if "error" in c]
-        if errors:
-            found.append(f"error chunks {errors[:2]}")
         counts = s.tokens_per_choice()
         partial = {i: n for i, n in counts.items() if n not in (0, LONG_STREAM_TOKENS)}
         if partial:
