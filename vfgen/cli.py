@@ -249,7 +249,7 @@ def domain_errors(fn):
 @deployment_command
 def render(
     deployment,
-    emit: Optional[str] = typer.Option(None, help="Print one artefact to stdout: nginx, supervisord, prometheus, prometheus-rules, nginx-exporter, or a file name."),
+    emit: Optional[str] = typer.Option(None, help="Print one artefact to stdout: nginx, supervisord, prometheus, prometheus-rules, nginx-exporter, a file name or a path."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Write the tree (etc/systemd/system/..., etc/nginx/conf.d/...) under DIR, atomically.", file_okay=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be created or changed under --output-dir (default /) and write nothing."),
     only: str = typer.Option("all", help="all, backends (units only) or dispatcher (nginx only, e.g. on a load-balancer host)."),
