@@ -188,3 +188,42 @@ def test_vfgen_lora_refuses_a_path_the_instances_cannot_load(runtime, tmp_path):
     result = vfgen_lora(runtime, "load", "broken", str(bad))
     assert result.returncode == 1 and "holds no adapter_config.json" in result.stderr
     assert not any(s["lora_calls"] for s in runtime.all_stats().values())
+
+
+# --- prefix routing with adapters ---------------------------------------------------------
+
+
+@pytest.fixture(params=["one-model", "two-models"])
+def prefix_lora(request, live_deploy):
+    """With one model nginx reads "model" for the key alone; with two it reuses the routing map's value."""
+    models = [{"model": "org/chat", "served_model_name": "chat", "instances": 3, "gpus": [0, 1, 2], "max_batch_size": 8,
+               "routing": "prefix", "extra_args": stand_in_args(latency=0.01),
+               "lora_modules": ["support=org/support-lora", "legal=org/legal-lora"]}]
+    if request.param == "two-models":
+        models.append({"model": "org/embed", "served_model_name": "embed", "extra_args": stand_in_args(latency=0.01)})
+    return live_deploy({"models": models})
+
+
+def test_prefix_routing_keys_on_the_adapter_name_too(prefix_lora):
+    """vLLM's prefix cache is per adapter: one conversation under two adapters is two keys."""
+    d = prefix_lora
+    conversations = 24
+    jobs = [(conv, model) for conv in range(conversations) for model in ("support", "legal", "chat") for _ in range(2)]
+
+    def body(i: int) -> dict:
+        conv, model = jobs[i]
+        return {"model": model, "max_tokens": 2, "messages": [
+            {"role": "system", "content": f"You are the assistant of tenant {conv}. " + "Be brief and exact. " * 20},
+            {"role": "user", "content": f"Question {conv}: what changed in release {conv * 7}?"}]}
+
+    result = run_load(f"{d.url}/v1/chat/completions", count=len(jobs), concurrency=4, body=body, deadline=60)
+    assert not result.failed, result.summary()
+    homes: dict[tuple[int, str], set[int]] = {}
+    for reply in result.replies:
+        assert reply.json()["model"] == jobs[reply.index][1]
+        homes.setdefault(jobs[reply.index], set()).add(reply.backend)
+    assert all(len(ports) == 1 for ports in homes.values()), homes  # each (conversation, adapter) sticks
+    differ = [c for c in range(conversations) if homes[(c, "support")] != homes[(c, "legal")]]
+    print(f"\n{len(differ)} of {conversations} conversations sit on another backend under the other adapter")
+    # With the adapter name left out of the key, every conversation would share one backend across adapters.
+    assert differ, homes
