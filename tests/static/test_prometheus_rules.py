@@ -123,6 +123,16 @@ def cases(rules: Rules) -> list[dict[str, Any]]:
     def at(minute: str, name: str, *alerts: dict[str, Any]) -> dict[str, Any]:
         return {"eval_time": minute, "alertname": name, "exp_alerts": list(alerts)}
 
+    def vllm_gauge(metric: str, name: str, high: str, low: str, *, quiet_at: str, fires_at: str,
+                   value: str) -> dict[str, Any]:
+        """a-0's gauge at `high`, a-1's at `low`: quiet before the `for:` window ends, then a-0 only."""
+        vllm_labels = {"engine": "0", "model_name": "a"}
+        return {
+            "interval": "1m",
+            "input_series": [series(metric, a0, high, **vllm_labels), series(metric, a1, low.strip(), **vllm_labels)],
+            "alert_rule_test": [at(quiet_at, name), at(fires_at, name, rules.alert(name, {**a0, **vllm_labels}, value))],
+        }
+
     return [
         {   # a-0 down for 5m: warning after its 2m `for:`, nothing before; its model still has a-1.
             "interval": "1m",
@@ -149,30 +159,12 @@ def cases(rules: Rules) -> list[dict[str, Any]]:
                 at("8m", "VfgenInstanceDown", rules.alert("VfgenInstanceDown", a0, "0")),
             ],
         },
-        {   # 3 requests wait on a-0 without a break for 12m; a-1's queue empties every other minute.
-            "interval": "1m",
-            "input_series": [
-                series("vllm:num_requests_waiting", a0, "3x20", engine="0", model_name="a"),
-                series("vllm:num_requests_waiting", a1, "3 0 3 0 3 0 3 0 3 0 3 0 3 0 3 0 3 0 3 0", engine="0", model_name="a"),
-            ],
-            "alert_rule_test": [
-                at("9m", "VfgenQueueLong"),
-                at("12m", "VfgenQueueLong",
-                   rules.alert("VfgenQueueLong", {**a0, "engine": "0", "model_name": "a"}, "3")),
-            ],
-        },
-        {   # a-0's KV cache at 95% for 20m; a-1 at 89%.
-            "interval": "1m",
-            "input_series": [
-                series("vllm:kv_cache_usage_perc", a0, "0.95x20", engine="0", model_name="a"),
-                series("vllm:kv_cache_usage_perc", a1, "0.89x20", engine="0", model_name="a"),
-            ],
-            "alert_rule_test": [
-                at("10m", "VfgenKvCacheHigh"),
-                at("17m", "VfgenKvCacheHigh",
-                   rules.alert("VfgenKvCacheHigh", {**a0, "engine": "0", "model_name": "a"}, "0.95")),
-            ],
-        },
+        # 3 requests wait on a-0 without a break for 12m; a-1's queue empties every other minute.
+        vllm_gauge("vllm:num_requests_waiting", "VfgenQueueLong", "3x20", "3 0 " * 10, quiet_at="9m", fires_at="12m",
+                   value="3"),
+        # a-0's KV cache at 95% for 20m; a-1 at 89%.
+        vllm_gauge("vllm:kv_cache_usage_perc", "VfgenKvCacheHigh", "0.95x20", "0.89x20", quiet_at="10m",
+                   fires_at="17m", value="0.95"),
         {   # a-0 restarted at minutes 5, 10 and 15 (each start time is new); a-1 ran throughout.
             "interval": "1m",
             "input_series": [

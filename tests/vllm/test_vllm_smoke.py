@@ -216,6 +216,32 @@ class TestServing:
         assert response.status_code == 200
         assert "vllm:num_requests_running" in response.text
 
+    def test_metrics_have_every_name_the_alert_rules_use(self, servers: Servers):
+        """The real vLLM exports what the rendered rules query, per served model (docs/observability.md)."""
+        import re
+
+        from vfgen import config
+        from vfgen.plan import build_plan
+        from vfgen.render import render_prometheus_rules
+
+        plan = build_plan(config.parse_deployment({"models": [{"model": "org/m", "instances": 2}]}))
+        queried = set(re.findall(r"(vllm:[a-z_]+|process_start_time_seconds)", render_prometheus_rules(plan)))
+        assert {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "process_start_time_seconds"} <= queried
+        text = httpx.get(f"{servers.llm.url}/metrics", timeout=REQUEST_TIMEOUT).text
+        exported = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", text, re.M))
+        assert queried <= exported, queried - exported
+        assert re.search(r'^vllm:kv_cache_usage_perc\{engine="0",model_name="tiny"\} ', text, re.M), text[:2000]
+
+    def test_x_request_id_becomes_vllms_request_id(self, servers: Servers):
+        """What the dispatcher sends as X-Request-Id (nginx's $request_id) is the id vLLM uses, so
+        vLLM's log and the JSON access log join on it."""
+        rid = os.urandom(16).hex()
+        response = httpx.post(f"{servers.llm.url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+                              headers={"X-Request-Id": rid}, timeout=REQUEST_TIMEOUT)
+        assert response.status_code == 200, response.text
+        assert rid in response.json()["id"], response.json()["id"]
+        record(f"X-Request-Id {rid} -> completion id {response.json()['id']}")
+
 
 # --- shutdown -------------------------------------------------------------
 
