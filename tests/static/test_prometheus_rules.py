@@ -245,3 +245,14 @@ def test_thresholds_from_the_deployment_change_the_rules(tmp_path: Path) -> None
     assert rules["VfgenKvCacheHigh"]["expr"].endswith("> 0.5") and rules["VfgenKvCacheHigh"]["for"] == "45s"
     assert rules["VfgenInstanceDown"]["for"] == "10s"
     assert rules["VfgenInstanceRestarting"]["expr"].endswith("[5m]) >= 2")
+
+
+def test_rules_query_only_metrics_the_real_vllm_exports(rules_text: str) -> None:
+    """Names checked against the /metrics of the real vLLM 0.32 CPU build, saved by a run
+    (tests/fixtures/vllm-metrics); tests/vllm checks the same against a live one."""
+    real = (Path(__file__).resolve().parents[1] / "fixtures/vllm-metrics/vllm-0.32.0-cpu.txt").read_text()
+    exported = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", real, re.M))
+    queried = {name for rule in Rules(rules_text).by_name.values()
+               for name in re.findall(r"(vllm:[a-z0-9_]+|process_start_time_seconds)", rule["expr"])}
+    assert queried == {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "process_start_time_seconds"}
+    assert queried <= exported, queried - exported

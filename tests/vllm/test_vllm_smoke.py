@@ -225,7 +225,10 @@ class TestServing:
         from vfgen.render import render_prometheus_rules
 
         plan = build_plan(config.parse_deployment({"models": [{"model": "org/m", "instances": 2}]}))
-        queried = set(re.findall(r"(vllm:[a-z_]+|process_start_time_seconds)", render_prometheus_rules(plan)))
+        import yaml
+
+        rules = yaml.safe_load(render_prometheus_rules(plan))["groups"][0]["rules"]
+        queried = {name for rule in rules for name in re.findall(r"(vllm:[a-z0-9_]+|process_start_time_seconds)", rule["expr"])}
         assert {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "process_start_time_seconds"} <= queried
         text = httpx.get(f"{servers.llm.url}/metrics", timeout=REQUEST_TIMEOUT).text
         exported = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", text, re.M))
