@@ -240,11 +240,14 @@ def metric_families(text: str) -> dict[str, tuple[str, frozenset[str]]]:
 def test_metrics_match_the_real_vllm_names_types_and_labels(procs, tmp_path):
     """Every family the stand-in exports (its own fake_vllm:* aside) exists in what the real
     vLLM 0.32 CPU build exported (saved from a run), with the same type and label names."""
-    _, port = start(procs, tmp_path, "--max-num-seqs", "4", "--fake-latency", "0.5")
+    _, port = start(procs, tmp_path, "--max-num-seqs", "4", "--fake-latency", "2")
     real = metric_families(REAL_METRICS.read_text())
-    client = threading.Thread(target=lambda: requests.post(url(port, "/v1/completions"), json={"prompt": "x"}, timeout=5))
+    client = threading.Thread(target=lambda: requests.post(url(port, "/v1/completions"), json={"prompt": "x"}, timeout=30))
     client.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 20
+    while requests.get(url(port, "/fake/stats"), timeout=5).json()["in_flight"] != 1:  # the request is in service
+        assert time.monotonic() < deadline, "the request never reached the stand-in"
+        time.sleep(0.02)
     text = requests.get(url(port, "/metrics"), timeout=5).text
     client.join()
     fake = {k: v for k, v in metric_families(text).items() if not k.startswith("fake_vllm:")}
