@@ -1,9 +1,10 @@
 """`python -m bench`: run every measurement side by side, print the table and the targets, write the plots.
 
-    python -m bench                 # full run (~4.5 min): updates docs/benchmarks.md and docs/bench-*.png
-    python -m bench --quick         # smoke run (~30 s): prints the table, writes nothing
+    python -m bench                 # full run (~15 min): updates docs/benchmarks.md and docs/bench-*.png
+    python -m bench --quick         # smoke run (~1 min): prints the table, writes nothing
     python -m bench --out-dir DIR   # write results.md, results.json and the plots to DIR instead
     python -m bench prefix [...]    # prefix-aware routing with real vLLM (bench/prefix.py)
+    python -m bench --parts failure --out-dir DIR   # only some parts (docs/ is only written by all of them)
 
 Everything listens on 127.0.0.1 on free ports; every process is stopped by PID at the end.
 """
@@ -22,7 +23,8 @@ import time
 from pathlib import Path
 
 from bench import report
-from bench.scenarios import Bench, Settings, run_all
+from bench.peers import PEERS, missing_peers
+from bench.scenarios import PARTS, Bench, Settings, run_all
 from bench.stack import REPO, Stack
 from tests.harness.procs import ProcessGroup
 
@@ -41,12 +43,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="write results.md, results.json and plots here (default: docs/ for a full run, "
                              "nothing for --quick)")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help=f"comma-separated peer routers to run beside vfgen (default all: {','.join(PEERS)}; "
+                             "'' for none); their venvs come from scripts/install-bench.sh")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated parts to run (default all: {','.join(PARTS)})")
     parser.add_argument("--no-plots", action="store_true", help="skip matplotlib")
     parser.add_argument("--check-targets", action="store_true", help="exit 1 when a target fails")
     parser.add_argument("--keep-logs", action="store_true", help="keep the runtime directory with all logs")
     args = parser.parse_args(argv)
     if min(args.duration, args.rounds, args.connections) < 1:
         parser.error("--duration, --rounds and --connections must be >= 1")
+    args.peers = tuple(p for p in args.peers.split(",") if p)
+    args.parts = tuple(p for p in args.parts.split(",") if p)
+    for value, known, option in ((args.peers, PEERS, "--peers"), (args.parts, PARTS, "--parts")):
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            parser.error(f"{option}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    if not args.parts:
+        parser.error("--parts: name at least one part")
+    if args.out_dir is None and not args.quick and set(args.parts) != set(PARTS):
+        parser.error("--parts with fewer than all parts needs --out-dir (docs/ shows one whole run)")
     return args
 
 
@@ -55,8 +72,10 @@ def which(tool: str) -> str | None:
     return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin:/usr/local/sbin")
 
 
-def _require() -> tuple[str, str]:
-    """nginx and wrk binaries; vllm-factory and aiohttp importable. Exit 2 naming the install step otherwise."""
+def _require(peer_names: tuple[str, ...]) -> tuple[str, str]:
+    """nginx and wrk binaries; vllm-factory and aiohttp importable; the peers' venvs.
+
+    Exit 2 naming the install step otherwise."""
     missing = []
     nginx_bin, wrk_bin = which("nginx"), which("wrk")
     if nginx_bin is None:
@@ -68,6 +87,7 @@ def _require() -> tuple[str, str]:
             __import__(module)
         except ImportError:
             missing.append(f"{module} (pip install {package})")
+    missing += [f"peer {entry}" for entry in missing_peers(peer_names)]
     if missing:
         print("bench: missing " + "; ".join(missing) + ". Run scripts/install-bench.sh.", file=sys.stderr)
         sys.exit(2)
@@ -85,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return prefix.main(argv[1:])
     args = parse_args(argv)
-    nginx_bin, wrk_bin = _require()
-    settings = (Settings.quick(args.connections) if args.quick
-                else Settings.full(args.duration, args.rounds, args.connections))
+    nginx_bin, wrk_bin = _require(args.peers)
+    settings = (Settings.quick(args.connections, args.peers, args.parts) if args.quick
+                else Settings.full(args.duration, args.rounds, args.connections, args.peers, args.parts))
     out_dir = args.out_dir if args.out_dir else (None if args.quick else DOCS)
     command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     signal.signal(signal.SIGTERM, _terminate)
@@ -112,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         elif not ok:
             print(f"bench: logs kept in {root}", file=sys.stderr)
 
+    machine["loadavg_at_end"] = report.loadavg()
     results["machine"] = machine
     results["outside_cores_max"] = _outside_max(results)
     results["targets"] = report.targets(results)

@@ -7,10 +7,16 @@
 --   BENCH_MODEL   value of the "model" field
 --   BENCH_LONG    mix mode: fraction of long (streamed) requests
 --   BENCH_SHAPES  shapes mode: number of distinct label sets used
+--   BENCH_AUTHORIZATION  optional Authorization header on every request (LiteLLM needs its master key)
 
 local mode = os.getenv("BENCH_MODE") or "static"
 local model = os.getenv("BENCH_MODEL") or "bench-model"
 local json_headers = { ["Content-Type"] = "application/json" }
+local authorization = os.getenv("BENCH_AUTHORIZATION")
+if authorization and authorization ~= "" then
+  json_headers["Authorization"] = authorization
+  wrk.headers["Authorization"] = authorization
+end
 
 local ports = {}
 for port in string.gmatch(os.getenv("BENCH_PORTS") or "", "%d+") do
@@ -78,8 +84,9 @@ elseif mode == "shapes" then
     local shape = math.random(shape_count)
     local body = '{"model":"' .. model .. '","data":{"text":"' .. sentence(12) .. '","labels":['
       .. label_sets[shape] .. '],"threshold":0.3}}'
-    return wrk.format("POST", "/pooling",
-      { ["Content-Type"] = "application/json", ["X-Test-Key"] = "shape-" .. shape }, body)
+    local headers = { ["Content-Type"] = "application/json", ["X-Test-Key"] = "shape-" .. shape }
+    if json_headers["Authorization"] then headers["Authorization"] = json_headers["Authorization"] end
+    return wrk.format("POST", "/pooling", headers, body)
   end
 else
   error("unknown BENCH_MODE " .. mode)

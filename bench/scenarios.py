@@ -1,14 +1,20 @@
-"""The four measurements of the benchmark, run side by side in one invocation; returns plain data.
+"""The measurements of the benchmark, run side by side in one invocation; returns plain data.
 
-1. Dispatch overhead: direct vs vfgen vs round robin vs vllm-factory, on fast static
-   backends (req/s at saturation; latency at one request at a time) and on
-   stand-in vLLM backends (20-50 ms, --max-num-seqs 8) at their capacity.
+Paths: direct, vfgen, round robin, vllm-factory, the minimal nginx proxy (fast backends
+only) and the peer routers of bench/peers.py (vllm-router round_robin and cache_aware,
+sglang-router round_robin, LiteLLM simple-shuffle).
+
+1. Dispatch overhead on fast static backends (req/s at saturation; latency at one
+   request at a time) and on stand-in vLLM backends (20-50 ms, --max-num-seqs 8) at
+   their capacity.
 2. Scheduling: 80% short / 20% long (streamed) requests at 1x, 2x, 4x capacity,
    capacity = 4 backends x 8 sequences = 32 requests in flight (closed loop:
    wrk keeps that many connections busy).
 3. Affinity: GLiNER-style bodies with 16 label sets at half capacity; which
    backend each shape reached, from the stand-ins' /fake/stats.
-4. Failure: short requests at capacity; one backend gets SIGKILL halfway through.
+4. Failure (bench/outage.py): short requests at capacity; one backend gets SIGKILL,
+   is started again 10 s later, and its own log says when traffic reaches it again.
+5. Streaming (bench/streaming.py): time to the first chunk and the gaps between chunks.
 
 Measurements of the same kind are interleaved in rounds (the order rotates each
 round) so that a burst of outside load hits all paths alike; medians are reported,
@@ -26,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from bench import outage, streaming
+from bench.peers import PEERS
 from bench.stack import BACKENDS, Backends, Dispatcher, Stack, cpu_seconds
 from bench.wrk import WrkResult, run_wrk
 
@@ -35,8 +43,18 @@ REALISTIC = {"cap": 8, "latency": 0.02, "jitter": 0.03, "chunks": 10, "chunk_int
 CAPACITY = BACKENDS * REALISTIC["cap"]
 LONG_FRACTION = 0.2
 SHAPES = 16
-KILLED = 1  # index of the backend the failure test kills
 THREADS = 4  # wrk threads; on the direct path thread i talks to backend i
+STREAM_CONNECTIONS = CAPACITY // 2  # streaming part: no backend queue, so the gaps are the path's
+# The parts `--parts` can pick; run_all runs them in this order.
+PARTS = ("fast", "realistic", "scheduling", "affinity", "streaming", "failure")
+
+
+@dataclass(frozen=True)
+class OutageTiming:
+    kill_at_s: float  # load before the kill
+    outage_s: float  # the killed backend stays down this long
+    revive_wait_s: float  # then watch it this long for its first request
+    tail_s: float  # and keep the load on this long after that
 
 
 @dataclass(frozen=True)
@@ -44,22 +62,34 @@ class Settings:
     duration: int  # seconds of each interleaved run
     rounds: int  # rounds of each interleaved comparison
     rounds_fast: int  # more on fast backends: their throughput is the number outside load moves most
-    single_duration: int  # seconds of the runs done once per path (one request at a time; affinity)
-    kill_duration: int
+    single_duration: int  # seconds of the runs done once per path (affinity)
+    outage: OutageTiming
     factors: tuple[int, ...]  # load as multiples of CAPACITY
     # Fast backends: 16 requests in flight per backend, half of vfgen's default cap (32), so
     # no cap or overflow ever binds and only the cost of dispatching is measured.
     fast_connections: int = 64
+    peers: tuple[str, ...] = tuple(PEERS)  # bench/peers.py names, in every part
+    # The failure part's paths and peers (quick: fewer, it is the slow part).
+    failure_paths: tuple[str, ...] = ("vfgen", "round-robin", "vllm-factory")
+    failure_peers: tuple[str, ...] = tuple(PEERS)
+    parts: tuple[str, ...] = PARTS
 
     @classmethod
-    def quick(cls, fast_connections: int = 64) -> "Settings":
-        return cls(duration=1, rounds=1, rounds_fast=1, single_duration=1, kill_duration=2, factors=(2,),
-                   fast_connections=fast_connections)
+    def quick(cls, fast_connections: int = 64, peers: tuple[str, ...] = tuple(PEERS),
+              parts: tuple[str, ...] = PARTS) -> "Settings":
+        return cls(duration=1, rounds=1, rounds_fast=1, single_duration=1,
+                   outage=OutageTiming(kill_at_s=0.5, outage_s=1, revive_wait_s=1, tail_s=0.3), factors=(2,),
+                   fast_connections=fast_connections, peers=peers, failure_paths=("vfgen", "vllm-factory"),
+                   failure_peers=peers[:1], parts=parts)
 
     @classmethod
-    def full(cls, duration: int = 2, rounds: int = 5, fast_connections: int = 64) -> "Settings":
+    def full(cls, duration: int = 2, rounds: int = 5, fast_connections: int = 64,
+             peers: tuple[str, ...] = tuple(PEERS), parts: tuple[str, ...] = PARTS) -> "Settings":
+        # The outage is 10 s; the Rust routers were seen to wait ~51 s before using a revived
+        # backend again, so the watch lasts 75 s before it says "none".
         return cls(duration=duration, rounds=rounds, rounds_fast=rounds + 3, single_duration=2 * duration,
-                   kill_duration=4 * duration, factors=(1, 2, 4), fast_connections=fast_connections)
+                   outage=OutageTiming(kill_at_s=3, outage_s=10, revive_wait_s=75, tail_s=2), factors=(1, 2, 4),
+                   fast_connections=fast_connections, peers=peers, failure_peers=peers, parts=parts)
 
 
 class Bench:
@@ -69,20 +99,33 @@ class Bench:
         self.stack = stack
         self.wrk_bin = wrk_bin
         self.log = log
+        self.loadavgs: list[float] = []  # 1-min load average before each run
+
+    def sample_load(self) -> None:
+        self.loadavgs.append(float(Path("/proc/loadavg").read_text().split()[0]))
 
     def measure(self, label: str, backends: Backends, dispatcher: Dispatcher | None, *, mode: str,
                 connections: int, duration: int, threads: int = THREADS, env: dict[str, str] | None = None,
-                action: tuple[float, Callable[[], None]] | None = None) -> WrkResult:
+                action: tuple[float, Callable[[], object]] | None = None,
+                stop_after_action: bool = False) -> WrkResult:
         """One wrk run through `dispatcher` (None: straight to the backends)."""
         url = dispatcher.url if dispatcher else backends.urls[0]
+        if dispatcher:  # LiteLLM answers ~1 s late at 32 connections: a 1 s run would count nothing
+            duration = max(duration, dispatcher.min_duration)
         ports = () if dispatcher else backends.ports
         backend_pids = [p.pid for p in backends.procs]
         dispatcher_pids = [p.pid for p in dispatcher.procs] if dispatcher else []
+        if dispatcher and dispatcher.authorization:
+            env = {**(env or {}), "BENCH_AUTHORIZATION": dispatcher.authorization}
+        self.sample_load()
         before = _cpu_snapshot(backend_pids, dispatcher_pids)
         result = run_wrk(self.wrk_bin, f"{url}/", mode=mode, duration=duration, connections=connections,
-                         threads=threads, ports=ports, env=env, action=action)
+                         threads=threads, ports=ports, env=env, action=action,
+                         stop_after_action=stop_after_action)
         after = _cpu_snapshot([p.pid for p in backends.procs], dispatcher_pids)
         result.extra["cpu"] = _cpu_report(before, after, result)
+        if dispatcher and dispatcher.settle:
+            settle(dispatcher)
         self.log(f"  {label:<14} {mode:<6} c={connections:<4} {result.rps:9.0f} req/s  p50 {result.p(50):8.2f} ms"
                  f"  p99 {result.p(99):8.2f} ms  failed {result.failed}"
                  f"  (outside load {result.extra['cpu']['outside_cores']:.2f} cores"
@@ -97,6 +140,20 @@ class Bench:
             for label in order:
                 results[label].append(run(label))
         return results
+
+
+def settle(dispatcher: Dispatcher, timeout: float = 15.0) -> None:
+    """Until a slow dispatcher has worked off what wrk left in it (LiteLLM keeps answering requests
+    whose client is gone for a second or more, and would charge that CPU to the next path's run)."""
+    pids = [p.pid for p in dispatcher.procs]
+    deadline = time.monotonic() + timeout
+    last = cpu_seconds(pids)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = cpu_seconds(pids)
+        if now - last < 0.025:  # under 10% of a core
+            return
+        last = now
 
 
 # --- CPU accounting -------------------------------------------------------------------------
@@ -165,35 +222,38 @@ def fast_overhead(bench: Bench, settings: Settings) -> dict:
     """Part 1 on fast static backends: saturation throughput, then latency one request at a time."""
     stack = bench.stack
     backends = stack.static_backends()
-    dispatchers = {
-        "vfgen": stack.nginx_dispatcher("fast-vfgen", backends),
-        "round-robin": stack.nginx_dispatcher("fast-rr", backends, round_robin=True),
-        "vllm-factory": stack.vllm_factory(backends),
-        "nginx-minimal": stack.minimal_nginx("fast-minimal", backends),
-    }
-    paths = ["direct", *dispatchers]
+    dispatchers = {}
     try:
+        dispatchers.update({
+            "vfgen": stack.nginx_dispatcher("fast-vfgen", backends),
+            "round-robin": stack.nginx_dispatcher("fast-rr", backends, round_robin=True),
+            "vllm-factory": stack.vllm_factory(backends),
+            "nginx-minimal": stack.minimal_nginx("fast-minimal", backends),
+        })
+        dispatchers.update(stack.peers(settings.peers, backends))
+        paths = ["direct", *dispatchers]
         bench.log(f"[1a] dispatch overhead, fast static backends: {settings.rounds_fast} round(s), "
                   f"{settings.fast_connections} connections")
         saturated = bench.interleaved(settings.rounds_fast, paths, lambda p: bench.measure(
             p, backends, dispatchers.get(p), mode="static", connections=settings.fast_connections,
             duration=settings.duration))
-        bench.log("[1a] one request at a time (1 connection)")
-        light = {p: bench.measure(p, backends, dispatchers.get(p), mode="static", connections=1, threads=1,
-                                  duration=settings.single_duration) for p in paths}
+        # Interleaved too: the latency target divides vfgen's added p50 by a peer's, round by round.
+        bench.log(f"[1a] one request at a time (1 connection): {settings.rounds} round(s)")
+        light = bench.interleaved(settings.rounds, paths, lambda p: bench.measure(
+            p, backends, dispatchers.get(p), mode="static", connections=1, threads=1, duration=settings.duration))
     finally:
         for dispatcher in dispatchers.values():
             stack.stop(dispatcher)
         for proc in backends.procs:
             stack.procs.stop(proc)
     return {"saturated": {p: summarize(r) for p, r in saturated.items()},
-            "light": {p: summarize([r]) for p, r in light.items()}}
+            "light": {p: summarize(r) for p, r in light.items()}}
 
 
 def realistic_overhead(bench: Bench, settings: Settings, backends: Backends,
                        dispatchers: dict[str, Dispatcher]) -> dict:
     bench.log(f"[1b] dispatch overhead, stand-in vLLM backends at capacity ({CAPACITY} connections)")
-    paths = ["direct", "vfgen", "round-robin", "vllm-factory"]
+    paths = ["direct", "vfgen", "round-robin", "vllm-factory", *settings.peers]
 
     def run(path: str) -> WrkResult:
         bench.stack.wait_idle(backends)
@@ -258,27 +318,24 @@ def shape_spread(arrivals: list[list[dict]]) -> dict:
     }
 
 
-def failure(bench: Bench, settings: Settings, backends: Backends, dispatchers: dict[str, Dispatcher]) -> dict:
-    bench.log(f"[4] failure: SIGKILL backend {KILLED} after {settings.kill_duration / 2:g}s of "
-              f"{settings.kill_duration}s at capacity ({CAPACITY} connections)")
-    out = {}
-    for name in ["vfgen", "round-robin", "vllm-factory"]:
-        bench.stack.wait_idle(backends)
-        kill = (settings.kill_duration / 2, lambda: bench.stack.kill_backend(backends, KILLED))
-        result = bench.measure(name, backends, dispatchers[name], mode="mix", connections=CAPACITY,
-                               duration=settings.kill_duration, env={"BENCH_LONG": "0"}, action=kill)
-        if result.action_at_s is None:
-            raise RuntimeError("wrk ended before the backend was killed")
-        out[name] = {**summarize([result]), "errors": result.errors, "killed_at_s": round(result.action_at_s, 2)}
-        bench.stack.restart_backend(backends, KILLED)
-    return out
-
-
 def run_all(bench: Bench, settings: Settings) -> dict:
     results: dict = {"settings": asdict(settings), "capacity": CAPACITY, "realistic": REALISTIC,
-                     "long_fraction": LONG_FRACTION, "threads": THREADS}
+                     "long_fraction": LONG_FRACTION, "threads": THREADS, "streaming_connections": STREAM_CONNECTIONS}
     started = time.monotonic()
-    results["fast"] = fast_overhead(bench, settings)
+    parts = settings.parts
+    if "fast" in parts:
+        results["fast"] = fast_overhead(bench, settings)
+    if set(parts) - {"fast"}:
+        stand_in_parts(bench, settings, results)
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    if bench.loadavgs:
+        results["loadavg_runs"] = f"{statistics.median(bench.loadavgs):.2f} / {max(bench.loadavgs):.2f}"
+    return results
+
+
+def stand_in_parts(bench: Bench, settings: Settings, results: dict) -> None:
+    """Parts 1b-5, on one set of stand-in backends with every dispatcher in front of them."""
+    parts = settings.parts
     stack = bench.stack
     backends = stack.fake_backends(**REALISTIC)
     dispatchers = {
@@ -286,10 +343,19 @@ def run_all(bench: Bench, settings: Settings) -> dict:
         "round-robin": stack.nginx_dispatcher("rr", backends, round_robin=True),
         "vfgen-affinity": stack.nginx_dispatcher("vfgen-affinity", backends, affinity=True),
         "vllm-factory": stack.vllm_factory(backends),
+        **stack.peers(settings.peers, backends),
     }
-    results["realistic_overhead"] = realistic_overhead(bench, settings, backends, dispatchers)
-    results["scheduling"] = scheduling(bench, settings, backends, dispatchers)
-    results["affinity"] = affinity(bench, settings, backends, dispatchers)
-    results["failure"] = failure(bench, settings, backends, dispatchers)
-    results["elapsed_s"] = round(time.monotonic() - started, 1)
-    return results
+    if "realistic" in parts:
+        results["realistic_overhead"] = realistic_overhead(bench, settings, backends, dispatchers)
+    if "scheduling" in parts:
+        results["scheduling"] = scheduling(bench, settings, backends, dispatchers)
+    if "affinity" in parts:
+        results["affinity"] = affinity(bench, settings, backends, dispatchers)
+    if "streaming" in parts:
+        results["streaming"] = streaming.run(bench, settings, backends, dispatchers,
+                                             ["direct", "vfgen", "round-robin", "vllm-factory", *settings.peers],
+                                             STREAM_CONNECTIONS)
+    if "failure" in parts:
+        results["fail_timeout_s"] = outage.fail_timeout_s(dispatchers["vfgen"])
+        results["failure"] = outage.run(bench, settings, backends, dispatchers,
+                                        [*settings.failure_paths, *settings.failure_peers], CAPACITY)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from bench import peers
 from bench.wrk import MODEL
 from tests.harness.deploy import console_script
 from tests.harness.procs import ProcessGroup, free_port, free_port_range, wait_port
@@ -40,15 +41,16 @@ from vfgen import procfs
 REPO = Path(__file__).resolve().parent.parent
 BACKENDS = 4
 START_TIMEOUT = 30.0
+PEER_START_TIMEOUT = 120.0  # LiteLLM imports for a long while on a busy 2-core box
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 STATIC_BODY = ('{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,0.2,0.3,0.4]}],'
                '"model":"%s","usage":{"prompt_tokens":9,"total_tokens":9}}' % MODEL)
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     try:
-        with _NO_PROXY.open(url, timeout=timeout) as resp:
+        with _NO_PROXY.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -86,6 +88,10 @@ class Dispatcher:
     port: int
     procs: list[subprocess.Popen]
     config: Path | None = None  # the nginx conf.d file it runs, if nginx
+    health: str = "/health"  # a GET that answers 200 once it serves
+    authorization: str | None = None  # Authorization header every request through it needs
+    settle: bool = False  # wait after each run until it is idle (bench.scenarios.settle)
+    min_duration: int = 1  # seconds: a slow dispatcher's runs last at least this long
 
     @property
     def url(self) -> str:
@@ -302,16 +308,31 @@ class Stack:
         self._wait_healthy(dispatcher)
         return dispatcher
 
-    def _wait_healthy(self, dispatcher: Dispatcher) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
+    def peers(self, names: Sequence[str], backends: Backends) -> dict[str, Dispatcher]:
+        """bench/peers.py's routers, each from its own venv, in front of `backends` (started together:
+        LiteLLM takes seconds to import)."""
+        started = {}
+        for name in names:
+            peer = peers.PEERS[name]
+            port = free_port()
+            proc = peers.start(self, peer, port, backends.urls, MODEL)
+            started[name] = Dispatcher(name, port, [proc], health=peer.health, authorization=peer.authorization,
+                                       settle=peer.slow, min_duration=3 if peer.slow else 1)
+        for dispatcher in started.values():
+            self._wait_healthy(dispatcher, PEER_START_TIMEOUT)
+        return started
+
+    def _wait_healthy(self, dispatcher: Dispatcher, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        headers = {"Authorization": dispatcher.authorization} if dispatcher.authorization else {}
         while time.monotonic() < deadline:
-            if http_get(f"{dispatcher.url}/health")[0] == 200:
+            if http_get(f"{dispatcher.url}{dispatcher.health}", headers=headers)[0] == 200:
                 return
             for proc in dispatcher.procs:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{dispatcher.name} exited with {proc.returncode}; logs in {self.root}")
             time.sleep(0.05)
-        raise TimeoutError(f"{dispatcher.name} /health not 200 after {START_TIMEOUT}s")
+        raise TimeoutError(f"{dispatcher.name} {dispatcher.health} not 200 after {timeout}s; logs in {self.root}")
 
     def stop(self, dispatcher: Dispatcher) -> None:
         for proc in dispatcher.procs:

@@ -47,8 +47,12 @@ class WrkResult:
 
 def run_wrk(wrk_bin: str, url: str, *, mode: str, duration: int, connections: int, threads: int,
             ports: Sequence[int] = (), timeout_s: int = 10, env: dict[str, str] | None = None,
-            action: tuple[float, Callable[[], None]] | None = None) -> WrkResult:
-    """wrk for `duration` whole seconds; `action=(t, fn)` calls fn t seconds into the run."""
+            action: tuple[float, Callable[[], object]] | None = None, stop_after_action: bool = False) -> WrkResult:
+    """wrk for `duration` whole seconds; `action=(t, fn)` calls fn t seconds into the run.
+
+    With `stop_after_action`, wrk gets SIGINT once fn returns: it then stops early and still
+    writes its summary (bench.lua's done()), so `duration` is only an upper bound.
+    """
     threads = max(1, min(threads, connections))
     with tempfile.TemporaryDirectory(prefix="vfgen-bench-wrk-") as tmp:
         out = Path(tmp) / "result.json"
@@ -64,8 +68,10 @@ def run_wrk(wrk_bin: str, url: str, *, mode: str, duration: int, connections: in
             if action is not None:
                 delay, fn = action
                 if not _wait_exit(proc, delay):
-                    fn()
                     action_at = time.monotonic() - started
+                    fn()
+                    if stop_after_action and proc.poll() is None:
+                        proc.send_signal(signal.SIGINT)
             stdout, stderr = proc.communicate(timeout=duration + timeout_s + 30)
         finally:
             if proc.poll() is None:
