@@ -73,6 +73,9 @@ class Settings:
     failure_paths: tuple[str, ...] = ("vfgen", "round-robin", "vllm-factory")
     failure_peers: tuple[str, ...] = tuple(PEERS)
     parts: tuple[str, ...] = PARTS
+    # The fast part's peers. Quick leaves out LiteLLM there (its import alone takes ~10 s of a
+    # busy box); the stand-in parts still smoke-test it.
+    fast_peers: tuple[str, ...] = tuple(PEERS)
 
     @classmethod
     def quick(cls, fast_connections: int = 64, peers: tuple[str, ...] = tuple(PEERS),
@@ -80,7 +83,8 @@ class Settings:
         return cls(duration=1, rounds=1, rounds_fast=1, single_duration=1,
                    outage=OutageTiming(kill_at_s=0.5, outage_s=1, revive_wait_s=1, tail_s=0.3), factors=(2,),
                    fast_connections=fast_connections, peers=peers, failure_paths=("vfgen", "vllm-factory"),
-                   failure_peers=peers[:1], parts=parts)
+                   failure_peers=peers[:1], parts=parts,
+                   fast_peers=tuple(p for p in peers if not PEERS[p].slow))
 
     @classmethod
     def full(cls, duration: int = 2, rounds: int = 5, fast_connections: int = 64,
@@ -89,7 +93,8 @@ class Settings:
         # backend again, so the watch lasts 75 s before it says "none".
         return cls(duration=duration, rounds=rounds, rounds_fast=rounds + 3, single_duration=2 * duration,
                    outage=OutageTiming(kill_at_s=3, outage_s=10, revive_wait_s=75, tail_s=2), factors=(1, 2, 4),
-                   fast_connections=fast_connections, peers=peers, failure_peers=peers, parts=parts)
+                   fast_connections=fast_connections, peers=peers, failure_peers=peers, parts=parts,
+                   fast_peers=peers)
 
 
 class Bench:
@@ -230,7 +235,7 @@ def fast_overhead(bench: Bench, settings: Settings) -> dict:
             "vllm-factory": stack.vllm_factory(backends),
             "nginx-minimal": stack.minimal_nginx("fast-minimal", backends),
         })
-        dispatchers.update(stack.peers(settings.peers, backends))
+        dispatchers.update(stack.peers(settings.fast_peers, backends))
         paths = ["direct", *dispatchers]
         bench.log(f"[1a] dispatch overhead, fast static backends: {settings.rounds_fast} round(s), "
                   f"{settings.fast_connections} connections")
@@ -326,16 +331,15 @@ def run_all(bench: Bench, settings: Settings) -> dict:
     if "fast" in parts:
         results["fast"] = fast_overhead(bench, settings)
     if set(parts) - {"fast"}:
-        stand_in_parts(bench, settings, results)
+        stand_in_parts(bench, settings, results, start_stand_in(bench, settings))
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     if bench.loadavgs:
         results["loadavg_runs"] = f"{statistics.median(bench.loadavgs):.2f} / {max(bench.loadavgs):.2f}"
     return results
 
 
-def stand_in_parts(bench: Bench, settings: Settings, results: dict) -> None:
-    """Parts 1b-5, on one set of stand-in backends with every dispatcher in front of them."""
-    parts = settings.parts
+def start_stand_in(bench: Bench, settings: Settings) -> tuple[Backends, dict[str, Dispatcher]]:
+    """4 stand-in backends and every dispatcher in front of them; the peers may still be starting."""
     stack = bench.stack
     backends = stack.fake_backends(**REALISTIC)
     dispatchers = {
@@ -343,8 +347,18 @@ def stand_in_parts(bench: Bench, settings: Settings, results: dict) -> None:
         "round-robin": stack.nginx_dispatcher("rr", backends, round_robin=True),
         "vfgen-affinity": stack.nginx_dispatcher("vfgen-affinity", backends, affinity=True),
         "vllm-factory": stack.vllm_factory(backends),
-        **stack.peers(settings.peers, backends),
+        **stack.peers(settings.peers, backends, wait=False),
     }
+    return backends, dispatchers
+
+
+def stand_in_parts(bench: Bench, settings: Settings, results: dict,
+                   stand_in: tuple[Backends, dict[str, Dispatcher]]) -> None:
+    """Parts 1b-5, on one set of stand-in backends with every dispatcher in front of them."""
+    parts = settings.parts
+    backends, dispatchers = stand_in
+    for name in settings.peers:
+        bench.stack.wait_healthy(dispatchers[name])
     if "realistic" in parts:
         results["realistic_overhead"] = realistic_overhead(bench, settings, backends, dispatchers)
     if "scheduling" in parts:

@@ -308,9 +308,9 @@ class Stack:
         self._wait_healthy(dispatcher)
         return dispatcher
 
-    def peers(self, names: Sequence[str], backends: Backends) -> dict[str, Dispatcher]:
+    def peers(self, names: Sequence[str], backends: Backends, *, wait: bool = True) -> dict[str, Dispatcher]:
         """bench/peers.py's routers, each from its own venv, in front of `backends` (started together:
-        LiteLLM takes seconds to import)."""
+        LiteLLM takes seconds to import). With wait=False, call wait_healthy on each before use."""
         started = {}
         for name in names:
             peer = peers.PEERS[name]
@@ -318,9 +318,13 @@ class Stack:
             proc = peers.start(self, peer, port, backends.urls, MODEL)
             started[name] = Dispatcher(name, port, [proc], health=peer.health, authorization=peer.authorization,
                                        settle=peer.slow, min_duration=3 if peer.slow else 1)
-        for dispatcher in started.values():
-            self._wait_healthy(dispatcher, PEER_START_TIMEOUT)
+        if wait:
+            for dispatcher in started.values():
+                self.wait_healthy(dispatcher)
         return started
+
+    def wait_healthy(self, dispatcher: Dispatcher) -> None:
+        self._wait_healthy(dispatcher, PEER_START_TIMEOUT)
 
     def _wait_healthy(self, dispatcher: Dispatcher, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout

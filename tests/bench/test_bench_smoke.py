@@ -25,7 +25,7 @@ pytestmark = pytest.mark.live
 
 REPO = Path(__file__).resolve().parents[2]
 PATHS = ["direct", "vfgen", "round-robin", "vllm-factory", *PEERS]
-TIMEOUT_S = 400  # the quick run takes about 80 s
+TIMEOUT_S = 400  # the quick run takes about 70 s
 PLOTS = ["bench-throughput.png", "bench-latency.png", "bench-scheduling.png", "bench-affinity-failure.png",
          "bench-streaming-revival.png"]
 TARGETS = 7
@@ -70,7 +70,10 @@ def test_prints_the_table_and_a_verdict_per_target(quick_run):
 def test_every_path_moves_requests(quick_run):
     _, results, _ = quick_run
     for path in PATHS:
-        for part in (results["fast"]["saturated"], results["fast"]["light"], results["realistic_overhead"]):
+        parts = [results["realistic_overhead"]]
+        if not (path in PEERS and PEERS[path].slow):  # quick leaves LiteLLM out of the fast part
+            parts += [results["fast"]["saturated"], results["fast"]["light"]]
+        for part in parts:
             assert path in part, (path, list(part))
             assert part[path]["rps"] > 0 and part[path]["requests"] > 0, (path, part[path])
             assert part[path]["failed"] == 0, (path, part[path])
