@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         block = report.markdown(results, command.strip(), [str(p) for p in plots])
         if out_dir.resolve() == DOCS.resolve():
             report.update_docs(DOCS / "benchmarks.md", block)
-            print(f"\nbench: updated docs/benchmarks.md and {len(plots)} plot(s) in docs/")
+            raw = Path(tempfile.gettempdir()) / "vfgen-bench-results.json"  # every run's numbers, for the prose
+            raw.write_text(json.dumps(results, indent=1, default=str) + "\n")
+            print(f"\nbench: updated docs/benchmarks.md and {len(plots)} plot(s) in docs/; raw results in {raw}")
         else:
             (out_dir / "results.md").write_text(block)
             print(f"\nbench: wrote results.md, results.json and {len(plots)} plot(s) to {out_dir}")
