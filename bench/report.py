@@ -169,11 +169,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _ms(value: float) -> str:
+    # Below 0.1 ms (one request at a time on fast backends) the third decimal is what differs.
+    if abs(value) < 0.1:
+        return f"{value:.3f}"
     return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
 def _plus(value: float) -> str:
-    return ("+" if value >= 0 else "") + _ms(value) if abs(value) >= 0.005 else "0.00"
+    return ("+" if value >= 0 else "") + _ms(value) if abs(value) >= 0.0005 else "0.000"
 
 
 def direct_reference(results: dict) -> str | None:
