@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 s per measurement, one round")
     parser.add_argument("--duration", type=int, default=2,
-                        help="seconds of each interleaved run (full run; default 2; single runs take twice that)")
+                        help="seconds of each interleaved run (full run; default 2; affinity runs take twice that)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="interleaved rounds of each comparison (default 5; fast backends: 3 more)")
     parser.add_argument("--connections", type=int, default=64,

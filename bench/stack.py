@@ -13,6 +13,8 @@ Dispatchers, each on its own free port in front of the same backends:
 - "vllm-factory": vllm-factory 0.2.1's Dispatcher (bench/vllm_factory_runner.py).
 - "nginx-minimal" (fast static backends only): upstream + keepalive + proxy_pass,
   nothing else; the floor any nginx hop costs.
+- the peer routers of bench/peers.py (vllm-router, sglang-router, LiteLLM), each from its
+  own pinned venv (`Stack.peers`).
 
 Every process is started in its own session through a ProcessGroup and stopped by PID.
 """
