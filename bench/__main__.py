@@ -72,7 +72,7 @@ def which(tool: str) -> str | None:
     return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin:/usr/local/sbin")
 
 
-def _require(peer_names: tuple[str, ...]) -> tuple[str, str]:
+def _require(peer_names: tuple[str, ...] = ()) -> tuple[str, str]:
     """nginx and wrk binaries; vllm-factory and aiohttp importable; the peers' venvs.
 
     Exit 2 naming the install step otherwise."""
