@@ -11,8 +11,9 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 # nginx-light is Debian's nginx with the mirror and stub_status modules vfgen uses.
+# golang-go: Go's encoding/json produces part of the client corpus (tests/fixtures/go-json).
 scripts/apt-install-missing.sh install-deps nginx-light supervisor systemd-container debootstrap \
-    debian-archive-keyring util-linux iproute2 curl procps wrk openssl
+    debian-archive-keyring util-linux iproute2 curl procps wrk openssl golang-go
 # promtool and a real Prometheus for the alert rules, the exporter for the dispatcher's stub_status
 # (about 25 MB to download, 340 MB on disk; 6 s to install from a warm apt cache).
 scripts/apt-install-missing.sh install-deps prometheus prometheus-nginx-exporter

@@ -453,6 +453,16 @@ def _context_length(cfg: dict) -> int:
     return min(declared) if declared else DEFAULT_MAX_MODEL_LEN
 
 
+def declared_max_model_len(model_dir: str | Path) -> int | None:
+    """The max_model_len vLLM derives from a local config.json when no --max-model-len is given,
+    or None when vfgen cannot be sure (rope scaling stretches it by rules vfgen does not copy)."""
+    cfg = _text_config(load_model_config(model_dir))
+    if cfg.get("rope_scaling"):
+        return None
+    declared = [cfg[k] for k in CONTEXT_LENGTH_KEYS if isinstance(cfg.get(k), int) and cfg[k] > 0]
+    return min(declared) if declared else None
+
+
 def _checkpoint_dtype(cfg: dict) -> str:
     # transformers writes "torch_dtype" (newer versions "dtype"); absent means float32.
     return str(_first(cfg, "torch_dtype", "dtype") or "float32").removeprefix("torch.")

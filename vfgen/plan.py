@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from vfgen.config import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, Alerts, Deployment, ModelSpec
-from vfgen.errors import PlanError
+from vfgen import jsonpcre, quoting
+from vfgen.config import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, Alerts, Deployment, ModelSpec, nginx_size_bytes
+from vfgen.errors import ConfigError, PlanError
 
 
 # A launcher whose instance missed its start timeout gives vLLM 10 s to stop on SIGTERM
@@ -136,6 +137,44 @@ class Monitoring:
 
 
 @dataclass(frozen=True)
+class ServedModel:
+    """One entry of the dispatcher's /v1/models (and its /v1/models/{id})."""
+
+    id: str
+    root: str  # the model source (an adapter's path), as vLLM reports it
+    max_model_len: int | None  # --max-model-len, else what vLLM derives from a local config.json
+    upstream: str  # where requests naming it go first
+    parent: str | None = None  # a LoRA adapter's base model name
+
+
+@dataclass(frozen=True)
+class ModelRouting:
+    """How nginx finds the top-level "model" of a body and which upstream serves it.
+
+    nginx evaluates the maps in this order: `body` (key, value) pairs on
+    $request_body, the exact key "" (no body in memory) first, then the
+    regexes in order, `unreadable` when none matches or PCRE fails at its
+    limits; then `routes` (regex over "METHOD:MODEL", upstream), first match
+    wins, `unknown` when none does. The markers start with '"', which a
+    captured raw JSON string can never do. One map on the body, not two: each
+    map lookup copies and hashes the whole value before its regexes run.
+    """
+
+    capture: str  # named group holding the raw string value of "model"
+    body: tuple[tuple[str, str], ...]
+    unreadable: str  # map default: not a JSON object, nested too deep, or over PCRE's limits
+    ambiguous: str  # top-level "model" duplicated, not a string, or broken JSON after it
+    routes: tuple[tuple[str, str], ...]
+    unknown: str  # upstream of the unknown-model answer
+    errors: tuple[tuple[str, str], ...]  # (upstream, answer) of every error route
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """Values of the body map that are not a model name."""
+        return tuple(value for _, value in self.body if value.startswith('"')) + (self.unreadable,)
+
+
+@dataclass(frozen=True)
 class GpuUsage:
     gpu: str
     instances: tuple[str, ...]
@@ -175,6 +214,13 @@ class Plan:
     monitoring: Monitoring
     memory: tuple[MemoryFit, ...] = ()
     warnings: tuple[str, ...] = ()
+    served_models: tuple[ServedModel, ...] = ()
+    routing: ModelRouting | None = None  # None: one model, no body inspection
+    # nginx keeps a chunked body's framing in its buffer until the body is complete, so
+    # 1-byte chunks ("1\r\nX\r\n") take 6 bytes each; a smaller buffer sends the
+    # body to a temp file, where $request_body cannot see it (seen with nginx 1.22).
+    body_buffer_bytes: int = 0
+    instance_urls: tuple[str, ...] = ()  # every backend as nginx reaches it, for answers that point to them
 
     def instances_of(self, model: str) -> tuple[Instance, ...]:
         return tuple(i for i in self.instances if i.model == model)
@@ -236,6 +282,8 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
             last_on_gpu[g] = inst
 
     pools = tuple(_pool(d, m, [i for i in instances if i.model == m.key]) for m in d.models)
+    prefix = "vfgen_" + d.name.replace("-", "_")
+    route_by_model = len(d.models) > 1
     return Plan(
         deployment=d,
         instances=tuple(instances),
@@ -243,13 +291,96 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
         gpus=_gpu_usage(placements, shares, instances),
         dispatcher=not single,
         dispatcher_url=None if single else f"http://{_connect_host(d.listen)}:{d.port}",
-        route_by_model=len(d.models) > 1,
+        route_by_model=route_by_model,
         target=f"{d.name}.target",
-        nginx_prefix="vfgen_" + d.name.replace("-", "_"),
+        nginx_prefix=prefix,
         stop_timeout=d.timeouts.shutdown + 15,
         monitoring=_monitoring(d, single, ports),
         memory=memory,
         warnings=warnings,
+        served_models=_served_models(d, pools),
+        routing=_model_routing(d, pools, prefix) if route_by_model else None,
+        body_buffer_bytes=CHUNK_FRAMING_FACTOR * nginx_size_bytes(d.max_body_size) + CHUNK_FRAMING_SLACK,
+        instance_urls=tuple(f"http://{server}" for pool in pools for server in pool.servers),
+    )
+
+
+# Endpoints vLLM 0.32 serves about one instance (its /openapi.json is saved in
+# tests/fixtures/vllm-openapi): through the dispatcher they get a JSON 404 naming each instance.
+PER_INSTANCE_PATHS = (
+    ("/metrics", "is the metrics of one vLLM instance"),
+    ("/load", "is the load of one vLLM instance"),
+    ("/kv_event_sources", "lists the KV event sources of one vLLM instance"),
+    ("/is_scaling_elastic_ep", "asks one vLLM instance about its scaling"),
+    ("/scale_elastic_ep", "scales one vLLM instance"),
+)
+# Answered by any backend (the same vLLM build everywhere).
+ANY_BACKEND_PATHS = ("/version",)
+# Bytes of chunked framing per body byte at worst (1-byte chunks), and room for the
+# last chunk, trailers and what nginx preread with the headers.
+CHUNK_FRAMING_FACTOR = 6
+CHUNK_FRAMING_SLACK = 4096
+
+
+def _served_models(d: Deployment, pools: tuple[Pool, ...]) -> tuple[ServedModel, ...]:
+    out = []
+    for m, pool in zip(d.models, pools):
+        length = m.max_model_len or _declared_max_model_len(m)
+        first = pool.affinity_upstream or pool.upstream
+        # vLLM's order: the base model's names, then its adapters (which carry no max_model_len).
+        out += [ServedModel(name, m.source, length, first) for name in pool.served_names]
+        out += [ServedModel(a.name, a.path, None, first, a.parent) for a in pool.adapters]
+    return tuple(out)
+
+
+def _declared_max_model_len(m: ModelSpec) -> int | None:
+    from vfgen import memory
+
+    model_dir = local_model_dir(m.source)
+    if model_dir is None:
+        return None
+    try:
+        return memory.declared_max_model_len(model_dir)
+    except ConfigError:
+        return None  # an unreadable config.json is reported by the memory checks, not here
+
+
+def _model_routing(d: Deployment, pools: tuple[Pool, ...], prefix: str) -> ModelRouting:
+    capture = f"{prefix}_m"
+    patterns = jsonpcre.body_patterns(capture)
+    unreadable, ambiguous, empty = '"unreadable', '"ambiguous', '"empty'
+    unknown, missing = f"{d.name}-unknown-model", f"{d.name}-missing-model"
+    unreadable_up, ambiguous_up = f"{d.name}-unreadable-body", f"{d.name}-ambiguous-model"
+    routes: list[tuple[str, str]] = []
+    default_route = None
+    for pool in pools:
+        first = pool.affinity_upstream or pool.upstream
+        for served in pool.route_names:
+            key = f"~^[A-Z]+:{quoting.json_string_pcre(served)}$"
+            if not quoting.nginx_regex_fits(key):  # a very long name: the escapes encoders emit only
+                key = f"~^[A-Z]+:{quoting.json_string_pcre(served, every_escape=False)}$"
+            routes.append((key, first))
+            if served == d.default_model:
+                default_route = first
+    no_model = default_route or missing
+    routes += [
+        ("~^[A-Z]+:$", no_model),
+        ('~^[A-Z]+:"ambiguous$', ambiguous_up),
+        ('~^[A-Z]+:"unreadable$', unreadable_up),
+        # No body (or, never expected, one nginx kept in a temp file): reads may omit the model.
+        ('~^(GET|HEAD|OPTIONS|DELETE):"empty$', no_model),
+        ('~^[A-Z]+:"empty$', unreadable_up),
+    ]  # anything else names a model nobody serves: `unknown`
+    return ModelRouting(
+        capture=capture,
+        body=(("", empty), (f"~{patterns.model}", f"${capture}"), (f"~{patterns.model_key}", ambiguous),
+              (f"~{patterns.no_model}", "")),
+        unreadable=unreadable,
+        ambiguous=ambiguous,
+        routes=tuple(routes),
+        unknown=unknown,
+        errors=((unknown, "unknown_model"), (missing, "missing_model"), (unreadable_up, "unreadable"),
+                (ambiguous_up, "ambiguous")),
     )
 
 

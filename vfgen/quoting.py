@@ -82,36 +82,61 @@ def pcre_literal(value: str) -> str:
     return "".join(c if c.isalnum() or c == "_" or ord(c) > 127 else "\\" + c for c in value)
 
 
-def json_string_pcre(value: str) -> str:
-    """PCRE matching the usual JSON spellings of `value`: raw UTF-8, \\uXXXX (either hex case), \\/.
+def json_string_pcre(value: str, every_escape: bool = True) -> str:
+    """PCRE matching the raw content of a JSON string that decodes to `value`.
 
-    Python's json.dumps escapes every non-ASCII character and PHP escapes '/',
-    so a served name must match in each spelling a client library may send.
+    Each character may come raw or escaped, as JSON allows: \\uXXXX in either hex
+    case (UTF-16 surrogate pairs above U+FFFF), and \\/ for '/'. Encoders do
+    escape: Python's json.dumps every non-ASCII character, Go's encoding/json
+    '<', '>' and '&', PHP '/'. With every_escape=False only those forms are
+    accepted for ASCII characters (a shorter pattern, for very long names);
+    non-ASCII characters always accept both forms.
     """
     def hex_class(unit: str) -> str:
         return "".join(f"[{d.lower()}{d.upper()}]" if d.isalpha() else d for d in unit)
 
+    def escapes(char: str) -> list[str]:
+        data = char.encode("utf-16-be")  # surrogate pairs above U+FFFF
+        forms = ["".join("\\\\u" + hex_class(data[i:i + 2].hex()) for i in range(0, len(data), 2))]
+        if char == "/":
+            forms.append("\\\\/")
+        return forms
+
     out = []
     for char in value:
-        if ord(char) > 127:
-            data = char.encode("utf-16-be")  # surrogate pairs above U+FFFF
-            escaped = "".join("\\\\u" + hex_class(data[i:i + 2].hex()) for i in range(0, len(data), 2))
-            out.append(f"(?:{char}|{escaped})")
-        elif char == "/":
-            out.append("(?:/|\\\\/)")
+        if ord(char) > 127 or every_escape or char in _ENCODER_ESCAPED:
+            out.append("(?:" + "|".join([pcre_literal(char), *escapes(char)]) + ")")
         else:
             out.append(pcre_literal(char))
     return "".join(out)
 
 
-def nginx_json(value: object) -> str:
+# ASCII characters common encoders escape by default: Go (<, >, &), PHP (/).
+_ENCODER_ESCAPED = frozenset("<>&/")
+# nginx reads its config in 4096-byte buffers and refuses a longer token
+# ("too long parameter"); a map key has to fit, quotes and escapes included.
+NGINX_TOKEN_MAX = 4000
+
+
+def nginx_regex_fits(pattern: str) -> bool:
+    return len(nginx_regex(pattern)) <= NGINX_TOKEN_MAX
+
+
+def nginx_json(value: object, numbers: dict[int, str] | None = None) -> str:
     """A JSON document as a double-quoted nginx string (ASCII-only, so bytes are predictable).
 
     '$' can only occur inside JSON strings, where `\\u0024` means the same to
-    every JSON reader and nginx sees no variable.
+    every JSON reader and nginx sees no variable. `numbers` maps placeholder
+    numbers (a member's whole value) to nginx variables holding digits, which
+    nginx fills in per request.
     """
-    text = json.dumps(value, ensure_ascii=True, separators=(",", ":"), sort_keys=False)
-    return nginx_str(text.replace("$", "\\u0024"))
+    text = json.dumps(value, ensure_ascii=True, separators=(",", ":"), sort_keys=False).replace("$", "\\u0024")
+    out = nginx_str(text)
+    for number, variable in (numbers or {}).items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", variable):
+            raise QuotingError(f"nginx variable name {variable!r} is not valid")
+        out = re.sub(rf":{number}(?=[,}}\]])", f":${{{variable}}}", out)
+    return out
 
 
 def nginx_api_key_entry(key: str) -> str:

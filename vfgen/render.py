@@ -17,7 +17,7 @@ import jinja2
 from vfgen import __version__, quoting
 from vfgen.config import Deployment, read_api_keys
 from vfgen.errors import RenderError
-from vfgen.plan import Instance, Plan
+from vfgen.plan import ANY_BACKEND_PATHS, PER_INSTANCE_PATHS, Instance, Plan
 
 # Free-text fields cut out of the affinity shape; one map strips one
 # occurrence, and three maps cover typical requests (text + labels, a prompt).
@@ -45,8 +45,6 @@ KEY_REGEXES = (
 )
 # The OpenAI `user` field (session routing).
 FIELD_REGEX = r'~(?s)"<FIELD>"\s*:\s*"([^"]{1,<N>}+)'
-# Matches an unescaped "model" key and captures its string value, escapes included.
-MODEL_FIELD_REGEX = r'~(?s)"model"\s*:\s*"(?<{name}>(?:[^"\\]|\\.)*)"'
 # Debian's prometheus-nginx-exporter package installs it here.
 NGINX_EXPORTER_BIN = "/usr/bin/prometheus-nginx-exporter"
 # Whole-string UTF-8 validity (RFC 3629, no surrogates or overlongs), byte by byte: nginx's
@@ -180,23 +178,14 @@ def render_nginx(plan: Plan) -> str:
     d = plan.deployment
     p = plan.nginx_prefix
     names = ", ".join(n for pool in plan.pools for n in pool.route_names)
-    route_unknown, route_missing, route_unreadable = (f"{d.name}-unknown-model", f"{d.name}-missing-model", f"{d.name}-unreadable-body")
-    default_route = None
-    routes: list[tuple[str, str]] = []
-    for pool in plan.pools:
-        first = pool.affinity_upstream or pool.upstream
-        for served in pool.route_names:
-            routes.append((f"~^[A-Z]+:1:{quoting.json_string_pcre(served)}$", first))
-            if served == d.default_model:
-                default_route = first
-    routes.append(("~^[A-Z]+:1:$", default_route or route_missing))
-    routes.append(("~^(GET|HEAD|OPTIONS|DELETE):0:$", default_route or route_missing))
-    routes.append(("~^[A-Z]+:0:", route_unreadable))
-
+    instances = ", ".join(plan.instance_urls)
     errors = {
         "unknown_model": _error(404, "NotFoundError", f"The requested model is not served here. Served models: {names}.", "model"),
         "missing_model": _error(404, "NotFoundError", f'The request names no "model" and this endpoint serves several models: {names}.', "model"),
-        "unreadable": _error(400, "BadRequestError", 'The request body is empty or too large to inspect for its "model" field.', "model"),
+        "unreadable": _error(400, "BadRequestError", 'The request body could not be inspected for its top-level "model": it is empty, '
+                             "not one JSON object, nested too deeply, or too large to inspect.", "model"),
+        "ambiguous": _error(400, "BadRequestError", 'The top-level "model" must be one JSON string, given once; this body repeats '
+                            "it, gives it another type, or is not valid JSON after it.", "model"),
         "unavailable": _error(503, "ServiceUnavailableError", "No backend can take this request right now (all busy or down). Retry later."),
         "unhealthy": quoting.nginx_json({"status": "unhealthy", "detail": "no backend answers /health"}),
         "timeout": _error(504, "GatewayTimeoutError", "The backend did not answer in time."),
@@ -208,7 +197,16 @@ def render_nginx(plan: Plan) -> str:
             "instance only, and the instances would then disagree. Declare adapters in lora_modules and re-render"
             + (", or run `vfgen lora load` / `vfgen lora unload` on the host, which changes every instance."
                if d.allow_runtime_lora_updating else "."))),
+        "no_such_model": _error(404, "NotFoundError", f"The model does not exist. Served models: {names}.", "model"),
     }
+    per_instance = [
+        (path, _error(404, "NotFoundError", f"{path} {why}; the dispatcher has no single answer. Ask each vLLM instance: "
+                      + ", ".join(url + path for url in plan.instance_urls)
+                      + (" (nginx's own counters: /nginx_status, from localhost)" if path == "/metrics" else "") + "."))
+        for path, why in PER_INSTANCE_PATHS
+    ]
+    stateful = _error(404, "NotFoundError", "Stored responses live in the one vLLM instance that created them, and this request "
+                      f"does not say which; the dispatcher cannot route it. Instances: {instances}.")
     plain_errors = [
         (400, _error(400, "BadRequestError", "Malformed request.")),
         (403, _error(403, "PermissionDeniedError", "Forbidden.")),
@@ -218,18 +216,14 @@ def render_nginx(plan: Plan) -> str:
         (414, _error(414, "BadRequestError", "The request URI is too long.")),
         (500, _error(500, "InternalServerError", "Internal error in the dispatcher.")),
     ]
-    models_json = quoting.nginx_json({
-        "object": "list",
-        "data": [
-            # vLLM's order: the base model's names, then its adapters.
-            entry for pool in plan.pools for entry in (
-                *({"id": n, "object": "model", "created": 0, "owned_by": "vllm", "root": pool.source, "parent": None,
-                   "permission": []} for n in pool.served_names),
-                *({"id": a.name, "object": "model", "created": 0, "owned_by": "vllm", "root": a.path, "parent": a.parent,
-                   "permission": []} for a in pool.adapters),
-            )
-        ],
-    })
+    # `created` is the time of the request, as vLLM answers it: the rendered file stays
+    # the same on every render, and the number moves like an instance's.
+    models = [_model_card(m) for m in plan.served_models]
+    models_json = quoting.nginx_json({"object": "list", "data": models}, numbers={CREATED: f"{p}_now"})
+    model_cards = [
+        (f"~^/v1/models/{quoting.pcre_literal(m.id)}$", quoting.nginx_json(card, numbers={CREATED: f"{p}_now"}))
+        for m, card in zip(plan.served_models, models)
+    ]
     key_maps, hash_exprs = _key_maps(plan)
     shape_maps = []
     if any(pool.hash_key and pool.hash_key.routing == "shape" for pool in plan.pools):
@@ -251,15 +245,16 @@ def render_nginx(plan: Plan) -> str:
         plan=plan,
         p=p,
         listen=_listen(d.listen, d.port),
-        routes=routes,
-        route_unknown=route_unknown,
-        route_missing=route_missing,
-        route_unreadable=route_unreadable,
-        error_routes=[route_unknown, route_missing, route_unreadable] if plan.route_by_model else [],
-        model_regex=MODEL_FIELD_REGEX.format(name=f"{p}_m"),
+        routing=plan.routing,
+        error_routes=[up for up, _ in plan.routing.errors] if plan.routing else [],
         errors=errors,
         plain_errors=plain_errors,
         models_json=models_json,
+        model_cards=model_cards,
+        per_instance=per_instance,
+        stateful=stateful,
+        any_backend_paths=ANY_BACKEND_PATHS,
+        error_codes={"unknown_model": 404, "missing_model": 404, "unreadable": 400, "ambiguous": 400},
         shape_maps=shape_maps,
         valid_utf8=VALID_UTF8_REGEX,
         key_maps=key_maps,
@@ -325,6 +320,18 @@ def _captures(value: str) -> list[tuple[str, str]]:
     for i, piece in enumerate(value.split("|")):
         parts += [("text", "|")] * bool(i) + [("capture", piece.lstrip("$"))]
     return parts
+
+
+# A placeholder number in JSON that nginx_json replaces by the request-time variable.
+CREATED = -1796
+
+
+def _model_card(m) -> dict:
+    card = {"id": m.id, "object": "model", "created": CREATED, "owned_by": "vllm", "root": m.root, "parent": m.parent}
+    if m.max_model_len is not None:
+        card["max_model_len"] = m.max_model_len
+    card["permission"] = []
+    return card
 
 
 def _listen(address: str, port: int) -> str:

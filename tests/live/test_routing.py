@@ -3,7 +3,8 @@
 3 models on 2 fake GPUs, aliases, a non-ASCII served name and a default_model.
 Mixed concurrent load must misroute nothing; unknown models get a JSON 404 that
 lists the served names; /v1/models lists exactly the served names. Then one test
-per edge case of reading the "model" field from the raw body with a regex.
+per edge case of finding the top-level "model" member in the raw body
+(vfgen/jsonpcre.py): nested keys, escapes, duplicates, bodies that are no object.
 """
 
 from __future__ import annotations
@@ -98,19 +99,56 @@ def test_v1_models_lists_exactly_the_served_names(routed):
 # --- edge cases of finding "model" in the raw body ------------------------------------
 
 
-def test_nested_model_key_before_top_level_one_first_match_wins(routed):
-    """Documented behaviour: the first "model" key in the body wins, even a nested one.
-
-    Here a nested "model": "beta" comes before the top-level "alpha". The request
-    goes to beta's backend, which answers vLLM's 404 for the model it does not
-    serve: a clear error, never a silent answer from the wrong model.
-    """
-    body = b'{"metadata": {"model": "beta"}, "model": "alpha", "prompt": "x"}'
+@pytest.mark.parametrize("body", [
+    b'{"metadata": {"model": "beta"}, "model": "alpha", "prompt": "x"}',
+    b'{"response_format": {"type": "json_schema", "json_schema": {"schema": {"properties": {"model": {"type": "string"}}}}},'
+    b' "tools": [{"function": {"name": "f", "parameters": {"model": "beta"}}}], "x": ["model", {"model": "beta"}], "model": "alpha"}',
+    b'{"extra": [[[{"model": "beta"}]]], "model": "alpha", "after": {"model": "beta"}}',
+], ids=["metadata", "schema-and-tools", "deep-before-and-after"])
+def test_top_level_model_decides_whatever_nested_model_keys_come_first(routed, body):
+    """Issue 16: a nested "model" before (or after) the top-level one never decides the route."""
+    assert json.loads(body)["model"] == "alpha"
     resp = post(routed, body)
-    print(f"\nnested model key first: {resp.status_code} from {resp.headers.get('x-fake-vllm-model')}: {resp.text}")
-    assert routed_to(routed, resp) == "beta"
-    error = assert_json_error(resp.status_code, resp.headers, resp.content, 404)
-    assert "alpha" in error["message"]
+    assert resp.status_code == 200, resp.text
+    assert routed_to(routed, resp) == "alpha"
+
+
+@pytest.mark.parametrize("body,name", [
+    (b'{"model": "\\u0062eta", "prompt": "x"}', "beta"),
+    (b'{"\\u006dodel": "beta", "prompt": "x"}', "beta"),
+    (b'{"mo\\u0064\\u0045l": "beta", "prompt": "x"}', None),  # "modEl" is another key: no model, default beta
+    (b'{"model": "\\u0061\\u006C\\u0070\\u0068\\u0061-latest", "prompt": "x"}', "alpha"),
+    (b'{"model": "org\\u002Falpha", "prompt": "x"}', "alpha"),
+], ids=["value-escape", "key-escape", "other-key", "every-char-escaped-uppercase-hex", "slash-as-u002F"])
+def test_json_escapes_of_key_and_value(routed, body, name):
+    decoded = json.loads(body)
+    assert decoded.get("model") in (None, *SERVED), decoded
+    resp = post(routed, body)
+    assert resp.status_code == 200, resp.text
+    assert routed_to(routed, resp) == (SERVED[decoded["model"]] if name else "beta")
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "alpha", "prompt": "x", "model": "beta"}',
+    b'{"model": "beta", "prompt": "x", "\\u006dodel": "beta"}',
+    b'{"model": 5, "prompt": "x"}',
+    b'{"model": null, "prompt": "x"}',
+    b'{"model": "alpha", "prompt": "x",}',
+], ids=["duplicate", "duplicate-escaped-same-name", "number", "null", "broken-after-model"])
+def test_ambiguous_or_invalid_top_level_model_is_a_clear_400(routed, body):
+    """vLLM (json.loads) takes the last duplicate; nginx refuses duplicates instead of guessing."""
+    resp = post(routed, body)
+    error = assert_json_error(resp.status_code, resp.headers, resp.content, 400)
+    assert '"model"' in error["message"] and "once" in error["message"], error
+    assert "x-fake-vllm-port" not in resp.headers
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"model"', b'{"prompt": "x"', b"model=alpha"],
+                         ids=["array", "string", "truncated", "form"])
+def test_body_that_is_not_one_json_object_is_a_clear_400(routed, body):
+    resp = post(routed, body)
+    error = assert_json_error(resp.status_code, resp.headers, resp.content, 400)
+    assert "could not be inspected" in error["message"], error
 
 
 def test_model_key_last(routed):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from tests.security.parsers import UnitLine, json_or_none
+from vfgen.quoting import json_string_pcre
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ def _same_string(got: Any, benign: str, subst: Mapping[str, Subst], where: str) 
     if not isinstance(got, str):
         raise Mismatch(f"{where}: expected a string like {benign!r}, got {got!r}")
     markers = [m for m in subst if m in benign]
+    if not markers and benign.startswith("~"):
+        # Route regexes spell each character of a name with its escapes: find the marker that way.
+        markers = [m for m in subst if json_string_pcre(m) in benign]
     if not markers:
         if got != benign:
             raise Mismatch(f"{where}: changed although no fuzzed value belongs here:\n  got      {got!r}\n  expected {benign!r}")
@@ -100,12 +104,15 @@ def plain(benign: str, subst: Mapping[str, Subst]) -> str:
 
 
 def _same_regex(got: str, benign: str, subst: Mapping[str, Subst], markers: list[str], where: str) -> None:
-    """The marker's part of a route regex must match every JSON spelling of the value, and nothing near it."""
-    if len(markers) != 1 or benign.count(markers[0]) != 1:
-        raise Mismatch(f"{where}: one marker per regex expected in {benign!r}")
+    """The marker's part of a route regex must match every JSON spelling of the value, and nothing near it.
+
+    A regex on a URI (`~^/v1/models/MARKER$`: nginx has decoded the URI) takes the value only as it is."""
     marker = markers[0]
+    token = marker if marker in benign else json_string_pcre(marker)
+    if len(markers) != 1 or benign.count(token) != 1:
+        raise Mismatch(f"{where}: one marker per regex expected in {benign!r}")
     value = subst[marker].value
-    prefix, suffix = benign.split(marker)
+    prefix, suffix = benign.split(token)
     if not (got.startswith(prefix) and got.endswith(suffix) and len(got) >= len(prefix) + len(suffix)):
         raise Mismatch(f"{where}: regex frame changed: {got!r} vs {benign!r}")
     middle = got[len(prefix) : len(got) - len(suffix)]
@@ -114,19 +121,23 @@ def _same_regex(got: str, benign: str, subst: Mapping[str, Subst], markers: list
         regex = re.compile(middle)
     except re.error as exc:
         raise Mismatch(f"{where}: {middle!r} is not a valid regex: {exc}") from None
-    for spelling in json_spellings(value):
+    spellings = {value} if prefix.startswith("~^/") else json_spellings(value)
+    for spelling in spellings:
         if not regex.fullmatch(spelling):
             raise Mismatch(f"{where}: {middle!r} does not match {spelling!r}, a JSON spelling of {value!r}")
-    for near in near_misses(value):
+    for near in near_misses(value) + sorted(json_spellings(value) - spellings):
         if regex.fullmatch(near):
             raise Mismatch(f"{where}: {middle!r} also matches {near!r}, which is not {value!r}")
 
 
 def json_spellings(value: str) -> set[str]:
-    """How JSON encoders write `value` inside a string: raw, \\uXXXX (either hex case), \\/ for '/'."""
+    """How JSON encoders write `value` inside a string: raw, \\uXXXX (either hex case), \\/ for '/',
+    and every character escaped."""
     ascii_form = json.dumps(value, ensure_ascii=True)[1:-1]
     upper_hex = re.sub(r"\\u([0-9a-f]{4})", lambda m: "\\u" + m.group(1).upper(), ascii_form)
-    forms = {value, ascii_form, upper_hex}
+    units = value.encode("utf-16-be")
+    every = "".join("\\u" + units[i:i + 2].hex() for i in range(0, len(units), 2))
+    forms = {value, ascii_form, upper_hex, every, every.upper().replace("\\U", "\\u")}
     return forms | {f.replace("/", "\\/") for f in forms}
 
 

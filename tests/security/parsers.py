@@ -261,7 +261,8 @@ def json_or_none(text: str) -> Any:
     if not text.startswith(("{", "[")):
         return None
     try:
-        return json.loads(text)
+        # A number nginx fills in per request (`"created":${prefix_now}`) stands for a number.
+        return json.loads(re.sub(r":\$\{[A-Za-z_][A-Za-z0-9_]*\}(?=[,}\]])", ":0", text))
     except ValueError:
         return None
 

@@ -20,11 +20,12 @@ PACKAGE = Path(__file__).resolve().parents[2] / "vfgen"
 CORE_IMPORTS: dict[str, set[str]] = {
     "errors": set(),
     "quoting": set(),
+    "jsonpcre": set(),
     "procfs": set(),
     "tables": set(),
     "memory": {"errors"},
     "config": {"errors", "memory", "quoting"},
-    "plan": {"config", "errors", "memory", "quoting"},
+    "plan": {"config", "errors", "jsonpcre", "memory", "quoting"},
     "render": {"", "config", "errors", "plan", "quoting"},
     "output": {"errors", "render"},
 }

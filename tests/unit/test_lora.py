@@ -9,6 +9,7 @@ templates: the flags on every instance, the names routed to each pool, the
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from vfgen import memory
 from vfgen.commands import plan_json, plan_table
 from vfgen.config import ConfigError, parse_deployment
 from vfgen.plan import build_plan
+from vfgen.quoting import json_string_pcre
 from vfgen.render import render_nginx
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -60,9 +62,12 @@ def test_adapter_names_route_to_the_base_pool_and_are_listed_like_vllm(tmp_path)
     chat = plan.pools[0]
     assert chat.route_names == ("chat", "chat-latest", "support", "legal")
     conf = render_nginx(plan)
-    assert '"~^[A-Z]+:1:support$" vllm-chat;' in conf and '"~^[A-Z]+:1:legal$" vllm-chat;' in conf
+    routes = dict(plan.routing.routes)
+    for name in ("support", "legal"):
+        assert routes[f"~^[A-Z]+:{json_string_pcre(name)}$"] == "vllm-chat"
     models_line = next(line for line in conf.splitlines() if line.strip().startswith('return 200 "{\\"object\\":\\"list\\"'))
-    listed = json.loads(json.loads(models_line.strip()[len("return 200 "):-1]))
+    # `created` is the request time, an nginx variable in the rendered JSON.
+    listed = json.loads(re.sub(r"\$\{\w+\}", "0", json.loads(models_line.strip()[len("return 200 "):-1])))
     assert [(m["id"], m["parent"], m["root"]) for m in listed["data"]] == [
         ("chat", None, "org/chat"), ("chat-latest", None, "org/chat"),
         ("support", "chat", str(tmp_path / "support")), ("legal", "chat-latest", "org/legal-lora"),

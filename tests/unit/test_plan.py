@@ -194,3 +194,33 @@ def test_routing_key_recipes_are_plan_data():
     assert keys["e"] is None
     assert {p.model: p.affinity_upstream for p in plan.pools} == {
         "a": "vllm-a-affinity", "b": "vllm-b-affinity", "c": "vllm-c-affinity", "d": "vllm-d-affinity", "e": None}
+
+
+# --- routing by model (issue 16) -------------------------------------------------------
+
+
+def test_max_model_len_comes_from_the_flag_or_the_local_config(tmp_path):
+    plain, scaled = tmp_path / "plain", tmp_path / "scaled"
+    for directory, extra in ((plain, {}), (scaled, {"rope_scaling": {"type": "yarn", "factor": 4.0}})):
+        directory.mkdir()
+        (directory / "config.json").write_text(__import__("json").dumps(
+            {"max_position_embeddings": 4096, "n_positions": 2048, **extra}))
+    plan = plan_of(models=[{"model": str(plain), "name": "p"}, {"model": str(scaled), "name": "s"},
+                           {"model": "org/hub", "max_model_len": 777}, {"model": "org/other"}])
+    lengths = {m.id: m.max_model_len for m in plan.served_models}
+    # vLLM takes the smallest declared length; rope scaling stretches it by rules vfgen does not copy.
+    assert lengths == {str(plain): 2048, str(scaled): None, "org/hub": 777, "org/other": None}
+
+
+def test_chunked_framing_room_in_the_body_buffer():
+    assert plan_of(max_body_size="64k", models=[{"model": "a"}, {"model": "b"}]).body_buffer_bytes == 6 * 65536 + 4096
+
+
+def test_route_table_order_names_first_then_the_markers():
+    plan = plan_of(default_model="b", models=[{"model": "org/a", "served_model_name": "a"}, {"model": "b"}])
+    routes = plan.routing.routes
+    assert [up for _, up in routes] == ["vllm-a", "vllm-b", "vllm-b", "vllm-ambiguous-model", "vllm-unreadable-body",
+                                        "vllm-b", "vllm-unreadable-body"]
+    assert routes[0][0] == "~^[A-Z]+:(?:a|\\\\u0061)$"
+    assert [key for key, _ in plan.routing.body][0] == ""  # no body in memory: an exact key, before any regex
+    assert plan_of(models=[{"model": "a"}]).routing is None  # one model: no body inspection

@@ -36,6 +36,7 @@ from tests.harness.deploy import (
     process_alive,
 )
 from tests.harness.load import LoadResult, run_load, start_load
+from tests.harness.openai_surface import check_every_path, vllm_paths
 from tests.vllm.conftest import LORA_NAME, build_tiny_lora, fail_on_start_error, instance_log, log_tail, record
 from vfgen import procfs
 
@@ -416,6 +417,66 @@ def _models(backend: Backend) -> list[dict]:
 
 def _ids(backend: Backend) -> list[str]:
     return [m["id"] for m in _models(backend)]
+
+
+# --- the OpenAI surface (issue 16) ---------------------------------------------------------
+
+
+def test_instances_serve_exactly_the_paths_of_the_openapi_fixture(cpu_deployment: LiveDeployment):
+    """tests/fixtures/vllm-openapi/paths.json was taken from these instances; it must stay true."""
+    expected = vllm_paths()
+    for backend in cpu_deployment.backends:
+        doc = httpx.get(f"{backend.url}/openapi.json", timeout=REQUEST_TIMEOUT, trust_env=False).json()
+        served = {path: sorted(m.upper() for m in ops) for path, ops in doc["paths"].items()}
+        # Runtime LoRA endpoints exist with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING (the Llama
+        # here); nginx refuses them (test_runtime_lora_load_is_refused_at_the_edge_...).
+        lora_runtime = {p for p in served if p in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+                        or p == "/adapters" or p.startswith("/adapters/")}
+        assert {p: m for p, m in served.items() if p not in lora_runtime} == \
+            expected["pooling" if backend.served_name == EMBED else "generate"], backend
+
+
+def test_every_vllm_path_through_the_dispatcher(cpu_deployment: LiveDeployment):
+    problems = check_every_path(cpu_deployment, {CHAT: "generate", EMBED: "pooling"})
+    assert not problems, "\n".join(problems)
+
+
+def test_openai_sdk_end_to_end(cpu_deployment: LiveDeployment):
+    """The official SDK against real vLLM through nginx; 401 and the 503 retries are in tests/live."""
+    import httpx2
+    import openai
+
+    sdk = openai.OpenAI(base_url=f"{cpu_deployment.url}/v1", api_key="none", max_retries=0,
+                        http_client=httpx2.Client(trust_env=False, timeout=REQUEST_TIMEOUT))
+    models = {m.id: m for m in sdk.models.list()}
+    assert models[CHAT].model_extra["max_model_len"] == 512 and models[EMBED].model_extra["max_model_len"] == 256
+    direct = {m["id"]: m for b in cpu_deployment.backends
+              for m in httpx.get(f"{b.url}/v1/models", timeout=REQUEST_TIMEOUT, trust_env=False).json()["data"]}
+    for name in (CHAT, EMBED):  # what the instance itself says
+        assert models[name].model_extra["max_model_len"] == direct[name]["max_model_len"]
+        assert (models[name].owned_by, models[name].root) == (direct[name]["owned_by"], direct[name]["root"])
+        assert sdk.models.retrieve(name).id == name
+    chat = sdk.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       extra_body={"ignore_eos": True})
+    assert chat.model == CHAT and chat.usage.completion_tokens == 4
+    chunks = list(sdk.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                              stream=True, stream_options={"include_usage": True},
+                                              extra_body={"ignore_eos": True}))
+    assert chunks[-1].usage.completion_tokens == 4
+    done = sdk.completions.create(model=CHAT, prompt="hello", max_tokens=4, extra_body={"ignore_eos": True})
+    assert done.model == CHAT and done.usage.completion_tokens == 4
+    vectors = sdk.embeddings.create(model=EMBED, input=["a", "b"])
+    assert len(vectors.data) == 2 and len(vectors.data[0].embedding) == HIDDEN_SIZE
+    failures = {}
+    with pytest.raises(openai.NotFoundError) as failures["unknown model"]:
+        sdk.completions.create(model="no-such-model", prompt="x")
+    with pytest.raises(openai.NotFoundError) as failures["unknown id"]:
+        sdk.models.retrieve("no-such-model")
+    with pytest.raises(openai.APIStatusError) as failures["body over limit"]:
+        sdk.completions.create(model=CHAT, prompt="x" * (32 * 1024 * 1024))
+    assert failures["body over limit"].value.status_code == 413
+    for case, info in failures.items():
+        record(f"openai SDK, {case}: {type(info.value).__name__} {info.value.status_code}: {info.value}")
 
 
 # --- kill -9 of one instance under load ---------------------------------------------------

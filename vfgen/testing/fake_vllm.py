@@ -551,9 +551,11 @@ _METHOD_NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
 _UNAUTHORIZED = b'{"error":"Unauthorized"}'
 _JSON = b"application/json"
 _COMPLETION, _CHAT, _EMBEDDING, _POOLING = "completion", "chat", "embedding", "pooling"
+_TOKENIZE, _DETOKENIZE = "tokenize", "detokenize"
 _INFERENCE_PATHS = {
     "/v1/completions": _COMPLETION, "/v1/chat/completions": _CHAT,
     "/v1/embeddings": _EMBEDDING, "/pooling": _POOLING,
+    "/tokenize": _TOKENIZE, "/detokenize": _DETOKENIZE,
 }
 
 
@@ -820,7 +822,8 @@ class FakeVllm:
             payload = json.loads(req.body)
             if not isinstance(payload, dict):
                 raise ValueError("the request body must be a JSON object")
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            # vLLM 0.32 answers nesting past Python's recursion limit with 400 too (measured).
             self._arrive(req, None)
             return self._error(req, 400, "BadRequestError", f"Invalid JSON body: {exc}")
         model = payload.get("model")
@@ -883,6 +886,12 @@ class FakeVllm:
         created = int(time.time())
         if kind == _EMBEDDING or kind == _POOLING:
             return self.respond(req, 200, _dumps(self._pooled(kind, payload, created)))
+        if kind == _TOKENIZE:  # vLLM 0.32's answer shape; one "token" per word
+            tokens = list(range(_word_count(payload.get("prompt") or payload.get("messages"))))
+            return self.respond(req, 200, _dumps({"count": len(tokens), "max_model_len": self.opts.max_model_len or 2048,
+                                                  "tokens": tokens, "token_strs": None}))
+        if kind == _DETOKENIZE:
+            return self.respond(req, 200, _dumps({"prompt": " ".join(f"tok{t}" for t in payload.get("tokens") or [])}))
         tokens = [f" tok{i}" for i in range(self.opts.fake_stream_chunks)]
         prompt_tokens = _word_count(payload.get("prompt") if kind == _COMPLETION else payload.get("messages"))
         usage = {
