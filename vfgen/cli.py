@@ -253,6 +253,7 @@ def render(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Write the tree (etc/systemd/system/..., etc/nginx/conf.d/...) under DIR, atomically.", file_okay=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be created or changed under --output-dir (default /) and write nothing."),
     only: str = typer.Option("all", help="all, backends (units only) or dispatcher (nginx only, e.g. on a load-balancer host)."),
+    prune: bool = typer.Option(False, "--prune", help="Delete `stale` files: written there by vfgen before (see its manifest), no longer rendered, unchanged since."),
 ) -> None:
     """Render units (or a supervisord conf) and the nginx dispatcher for a deployment.
 
@@ -264,7 +265,7 @@ def render(
     """
     from vfgen import commands
 
-    commands.render(deployment, emit=emit, output_dir=output_dir, dry_run=dry_run, only=only, out=sys.stdout)
+    commands.render(deployment, emit=emit, output_dir=output_dir, dry_run=dry_run, only=only, out=sys.stdout, prune=prune)
 
 
 @app.command()

@@ -85,13 +85,15 @@ def _only_of_kind(every: list[Artefact], art: Artefact) -> bool:
     return sum(1 for a in every if a.kind == art.kind and not a.secret) == 1 and not art.secret
 
 
-def render(d: Deployment, *, emit: str | None, output_dir: Path | None, dry_run: bool, only: str, out: TextIO) -> None:
+def render(d: Deployment, *, emit: str | None, output_dir: Path | None, dry_run: bool, only: str, out: TextIO,
+           prune: bool = False) -> None:
+    from vfgen import manifest
     from vfgen.output import plan_changes, write_tree
 
     plan = make_plan(d)
     if emit is not None:
-        if output_dir is not None or dry_run:
-            raise OutputError("--emit prints one file to stdout; it cannot be combined with --output-dir or --dry-run")
+        if output_dir is not None or dry_run or prune:
+            raise OutputError("--emit prints one file to stdout; it cannot be combined with --output-dir, --dry-run or --prune")
         art = find_artefact(plan, emit)
         if only != "all" and art.path not in {a.path for a in select_artefacts(plan, only)}:
             raise OutputError(f"--emit={emit!r}: {art.path} is not among the files of --only={only}")
@@ -101,14 +103,25 @@ def render(d: Deployment, *, emit: str | None, output_dir: Path | None, dry_run:
                              f"install it with mode 0600 (`--emit {secret.name}`).\n")
         return
     arts = select_artefacts(plan, only)
-    if dry_run:
+    if prune and output_dir is None and not dry_run:
+        raise OutputError("--prune removes stale files under --output-dir; give --output-dir (or --dry-run)")
+    if dry_run or output_dir is not None:
         root = output_dir or Path("/")
-        for change in plan_changes(root, arts):
-            out.write(f"{change.action:9} {oct(change.mode)[2:]} {change.path}\n")
-        return
-    if output_dir is not None:
-        for change in write_tree(output_dir, arts):
+        old = manifest.read(root, d.name)
+        stale = manifest.stale_files(root, old, arts, only)
+        keep = [s for s in stale if not prune or s.state != "stale"]
+        tree = arts + [manifest.updated(old, d.name, arts, only, keep=keep).artefact()]
+        if dry_run:
+            for change in plan_changes(root, tree):
+                out.write(f"{change.action:9} {oct(change.mode)[2:]} {change.path}\n")
+            for s in stale:
+                out.write(f"{_stale_action(s, prune, done=False):9} {oct(s.mode or 0)[2:]} {root / s.path}\n")
+            return
+        for change in write_tree(root, tree):
             out.write(f"{change.action:9} {change.path}\n")
+        removed = manifest.remove_stale(root, stale) if prune else []
+        for s in stale:
+            out.write(f"{_stale_action(s, prune, done=s in removed):9} {root / s.path}\n")
         return
     for art in arts:
         comment = ";" if art.kind == "supervisord" else "#"
@@ -118,6 +131,15 @@ def render(d: Deployment, *, emit: str | None, output_dir: Path | None, dry_run:
         out.write(f"{comment} ===== {art.path} =====\n{art.content}")
         if not art.content.endswith("\n"):
             out.write("\n")
+
+
+def _stale_action(s, prune: bool, done: bool) -> str:
+    """`stale` (kept), `remove` (would be pruned), `removed`; `modified` files are never pruned."""
+    if s.state == "modified":
+        return "modified"
+    if not prune:
+        return "stale"
+    return "removed" if done else "remove"
 
 
 def plan_table(plan: Plan) -> str:
@@ -237,7 +259,7 @@ def rollout(d: Deployment, *, timeout: float | None, supervisorctl: str | None, 
 
     plan = build_plan(d)
     steps = [
-        roll.RolloutStep(name=i.unit if d.backend == "systemd" else f"{d.name}:{i.name}", url=i.url, expected_model=i.served_name)
+        roll.RolloutStep(name=i.unit if d.backend == "systemd" else i.name, url=i.url, expected_model=i.served_name)
         for i in sorted(plan.instances, key=lambda i: (i.start_order, i.name))
     ]
     return roll.rollout(

@@ -105,6 +105,9 @@ class Pool:
     keepalive: int  # idle connections each nginx worker keeps to this pool
     adapters: tuple[Adapter, ...] = ()  # LoRA adapters: their names route to this pool too
     lora: bool = False  # instances run with --enable-lora (the load/unload endpoints exist)
+    # Servers rendered `down` (no new requests): only while `vfgen apply` drains,
+    # restarts or starts them; a normal plan has none.
+    down: tuple[str, ...] = ()
 
     @property
     def route_names(self) -> tuple[str, ...]:

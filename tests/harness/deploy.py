@@ -296,8 +296,8 @@ class LiveDeployment:
         raise TimeoutError(f"no backend of {[b.program for b in backends]} healthy after {timeout}s\n{self.diagnostics()}")
 
     def program(self, backend: Backend) -> str:
-        """The name supervisorctl wants: group:program."""
-        return f"{self.name}:{backend.program}"
+        """The name supervisorctl wants (each instance is a program of its own, no group)."""
+        return backend.program
 
     def status(self) -> dict[str, str]:
         out = self.supervisorctl("status", check=False).stdout

@@ -25,7 +25,7 @@ def test_all_backends_down_then_one_back(live_deploy):
                      "--max-batch-size", "4", "--", *stand_in_args()])
     assert d.http.post(f"{d.url}/v1/completions", json=BODY).status_code == 200
 
-    d.supervisorctl("stop", f"{d.name}:*")
+    d.supervisorctl("stop", *(d.program(b) for b in d.backends))
     assert set(d.status().values()) == {"STOPPED"}, d.status()
     assert not d.instance_pids(), f"stopping every program left processes running: {d.instance_pids()}"
 
