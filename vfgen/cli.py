@@ -379,6 +379,31 @@ def lora_unload(
 
 
 @app.command()
+@deployment_command
+def apply(
+    deployment,
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Root the files live under. [default: /]", file_okay=False),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the ordered plan (stop, remove, write, reload, restart, start, with reasons) and change nothing."),
+    supervisorctl: Optional[str] = typer.Option(None, help="supervisorctl command line, e.g. 'supervisorctl -c /etc/supervisor/supervisord.conf'. [default: supervisorctl]"),
+    systemctl: Optional[str] = typer.Option(None, help="systemctl command line. [default: systemctl]"),
+    nginx: Optional[str] = typer.Option(None, help="nginx command line; apply adds -t to check and -s reload to reload. [default: nginx]"),
+) -> None:
+    """Change the running deployment on this host into the rendered one, without losing a request.
+
+    Compares with the manifest of what vfgen installed, then: drains and stops removed
+    instances, restarts changed ones one at a time (drained first, healthy before the
+    next), starts new ones, keeping every GPU's share sum within the budget; nginx is
+    checked with `nginx -t` before every reload.
+
+    Example: vfgen apply -f deploy.yaml --dry-run
+    """
+    from vfgen import commands
+
+    commands.apply(deployment, output_dir=output_dir, dry_run=dry_run, systemctl=systemctl,
+                   supervisorctl=supervisorctl, nginx=nginx, out=sys.stdout)
+
+
+@app.command()
 @domain_errors
 def demo(keep: bool = typer.Option(False, "--keep", help="Keep the temporary directory (rendered files, logs).")) -> None:
     """Run a two-model deployment with stand-in vLLM backends under nginx + supervisord, show routing, tear down.

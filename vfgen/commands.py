@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -110,7 +111,15 @@ def render(d: Deployment, *, emit: str | None, output_dir: Path | None, dry_run:
         old = manifest.read(root, d.name)
         stale = manifest.stale_files(root, old, arts, only)
         keep = [s for s in stale if not prune or s.state != "stale"]
-        tree = arts + [manifest.updated(old, d.name, arts, only, keep=keep).artefact()]
+        # The first render records the instances it describes (they are what gets started);
+        # later renders keep what `vfgen apply` last ran, so apply still sees the difference.
+        first = (old is None or not old.instances) and only != "dispatcher"
+        from vfgen.apply import instance_records
+
+        new_manifest = manifest.updated(old, d.name, arts, only, keep=keep,
+                                        instances=instance_records(plan, arts) if first else None,
+                                        backend=d.backend if first else None)
+        tree = arts + [new_manifest.artefact()]
         if dry_run:
             for change in plan_changes(root, tree):
                 out.write(f"{change.action:9} {oct(change.mode)[2:]} {change.path}\n")
@@ -269,3 +278,60 @@ def rollout(d: Deployment, *, timeout: float | None, supervisorctl: str | None, 
         supervisorctl=shlex.split(supervisorctl) if supervisorctl else None,
         systemctl=shlex.split(systemctl) if systemctl else None,
     )
+
+
+def apply(d: Deployment, *, output_dir: Path | None, dry_run: bool, systemctl: str | None, supervisorctl: str | None,
+          nginx: str | None, out: TextIO) -> None:
+    """Plan the change from what the manifest says runs to the rendered deployment; carry it out unless dry_run."""
+    from vfgen import apply as ap_mod
+    from vfgen import manifest
+    from vfgen.output import plan_changes
+
+    if d.upstream_hosts:
+        raise ap_mod.ApplyError("apply changes one host; with upstream_hosts (separate GPU and load-balancer hosts) "
+                                "use the Ansible role (docs/ansible.md)")
+    plan = make_plan(d)
+    arts = select_artefacts(plan, "all")
+    root = output_dir or Path("/")
+    old = manifest.read(root, d.name)
+    had_nginx = old is not None and any(e["kind"] == "nginx" for e in old.files.values())
+    if old is not None and old.instances and had_nginx != plan.dispatcher:
+        raise ap_mod.ApplyError("apply cannot switch between a single instance serving the port itself and a "
+                                "deployment behind nginx: stop the old deployment, then apply the new one")
+    new_insts = ap_mod.instances_of(plan, arts)
+    old_insts = ap_mod.old_instances(old, d.backend)
+    changed = {str(c.path.relative_to(Path(os.path.realpath(root)))): c.action
+               for c in plan_changes(root, arts) if c.action != "unchanged"}
+    nginx_conf = next((a.path for a in arts if a.kind == "nginx" and not a.secret), None)
+    conf = f"etc/supervisor/conf.d/{d.name}.conf" if d.backend == "supervisord" else None
+    instance_files = {f"etc/systemd/system/{i.name}.service" for i in [*new_insts, *old_insts]}
+    early = [a.path for a in arts if a.kind == "nginx" and a.path != nginx_conf and a.path in changed]
+    final = [a.path for a in arts if a.path in changed and a.kind != "nginx" and a.path != conf
+             and not (d.backend == "systemd" and a.path in instance_files)]
+    stale = [s.path for s in manifest.stale_files(root, old, arts, "all") if s.path not in instance_files]
+    ap = ap_mod.plan_apply(old_insts, new_insts, d.memory_budget, start_timeout=d.timeouts.start,
+                           dispatcher=plan.dispatcher, backend=d.backend, conf=conf if conf in changed else None,
+                           early_files=early, final_files=final, stale=stale)
+    out.write(ap_mod.format_plan(ap, root))
+    out.flush()
+    if dry_run:
+        return
+    commands = ap_mod.Commands(
+        systemctl=shlex.split(systemctl) if systemctl else ["systemctl"],
+        supervisorctl=shlex.split(supervisorctl) if supervisorctl else ["supervisorctl"],
+        nginx=shlex.split(nginx) if nginx else ["nginx"],
+    )
+    executor = ap_mod.Executor(root, plan, arts, old, commands, out)
+    try:
+        executor.execute(ap)
+    except ap_mod.ApplyError as exc:
+        executor.recover()
+        done = executor.done
+        left = [f"{a.kind} {a.target}" for a in ap.actions][len(done):]
+        out.write(f"apply stopped: {exc}\n")
+        out.write(f"done: {', '.join(done) if done else 'nothing'}\n")
+        out.write(f"not done: {', '.join(left) if left else 'nothing'}\n")
+        out.write("the manifest records what runs now; fix the cause and run apply again to continue\n")
+        out.flush()
+        raise ap_mod.ApplyError(f"apply stopped: {exc}") from None
+    out.write("apply complete\n")

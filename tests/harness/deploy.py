@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -95,6 +96,7 @@ class LiveDeployment:
         self.nginx_proc: subprocess.Popen | None = None
         self.supervisord_proc: subprocess.Popen | None = None
         self.backends: tuple[Backend, ...] = ()
+        self.ports_used: set[int] = set()  # every backend port any version of the deployment had
         self.plan: dict[str, Any] = {}
         self.port: int | None = None  # nginx; the backends take the ports right after it
         self.http = httpx.Client(timeout=10.0, trust_env=False)
@@ -158,9 +160,28 @@ class LiveDeployment:
             Backend(i["name"], i["model"], i["served_name"], int(i["port"]), tuple(i["gpus"]))
             for i in self.plan["instances"]
         )
+        self.ports_used |= {b.port for b in self.backends}
         self.nginx_conf_d = self.out / "etc/nginx/conf.d" / f"{self.name}.conf"
         self.supervisord_conf_d = self.out / "etc/supervisor/conf.d" / f"{self.name}.conf"
         assert self.nginx_conf_d.is_file() and self.supervisord_conf_d.is_file(), sorted(self.out.rglob("*"))
+
+    def apply(self, spec: Mapping[str, Any] | Sequence[str], *extra: str, check: bool = True,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+        """`vfgen apply` of `spec` onto the running deployment (same ports, paths, nginx and supervisord)."""
+        self.spec = spec
+        nginx = shlex.join([self.nginx_bin, "-c", str(self.root / "nginx.conf"), "-p", str(self.run_dir)])
+        result = self.vfgen("apply", "--output-dir", str(self.out), "--nginx", nginx,
+                            "--supervisorctl", shlex.join([self.supervisorctl_bin, "-c", str(self.supervisord_conf)]),
+                            *extra, timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"`{' '.join(result.args)}` exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        self.plan = json.loads(self._vfgen("plan", ["--json"]).stdout)
+        self.backends = tuple(
+            Backend(i["name"], i["model"], i["served_name"], int(i["port"]), tuple(i["gpus"]))
+            for i in self.plan["instances"]
+        )
+        self.ports_used |= {b.port for b in self.backends}
+        return result
 
     def _instance_count(self) -> int:
         if isinstance(self.spec, Mapping):
@@ -373,7 +394,7 @@ class LiveDeployment:
 
     def leftover_pids(self) -> dict[int, str]:
         """Live processes tagged with this deployment, or listening on its ports."""
-        ports = {self.port, *(b.port for b in self.backends)} if self.backends else set()
+        ports = {self.port, *self.ports_used} if self.ports_used else set()
         found = {pid: _cmdline(pid) for pid in _pids_listening(ports)}
         found.update(self._tagged())
         return {pid: cmd for pid, cmd in found.items() if process_alive(pid)}

@@ -94,7 +94,8 @@ def _encode(body: Body) -> bytes | None:
 
 async def _load(
     url: Url, count: int, concurrency: int, body: BodyFactory, method: str,
-    headers: Mapping[str, str], deadline: float, progress: list[int],
+    headers: Mapping[str, str], deadline: float, progress: list[int], stop: list[bool] | None = None,
+    keepalive: bool = True,
 ) -> LoadResult:
     began = time.monotonic()
     replies: list[Reply | None] = [None] * count
@@ -120,12 +121,15 @@ async def _load(
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal next_index
-        while next_index < count:
+        while next_index < count and not (stop and stop[0]):
             index = next_index
             next_index += 1
             await one(session, index)
 
-    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency, force_close=False)
+    # keepalive=False: one connection per request. An nginx reload closes every keep-alive
+    # client connection after its current response; a client that reuses one at that instant
+    # gets a connection error (measured in docs/operations.md), whatever the config says.
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency, force_close=not keepalive)
     timeout = aiohttp.ClientTimeout(total=deadline)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
         workers = [asyncio.ensure_future(worker(session)) for _ in range(min(concurrency, count))]
@@ -134,6 +138,9 @@ async def _load(
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
     elapsed = time.monotonic() - began
+    if stop and stop[0]:
+        count = next_index  # stopped on purpose: requests never sent are not part of the run
+        replies = replies[:count]
     result = LoadResult(count, concurrency, elapsed)
     for index, reply in enumerate(replies):
         # Not started or cut off by the overall deadline: a failure, not a gap.
@@ -158,10 +165,11 @@ class BackgroundLoad:
 
     def __init__(self, url: Url, **kwargs: Any) -> None:
         self._progress = [0]
+        self._stop = [False]
         self._future: Future = Future()
         args = (url, kwargs["count"], kwargs["concurrency"], _factory(kwargs.get("body")),
                 kwargs.get("method", "POST"), dict(kwargs.get("headers") or {}), kwargs.get("deadline", 60.0),
-                self._progress)
+                self._progress, self._stop, kwargs.get("keepalive", True))
         self.deadline = kwargs.get("deadline", 60.0)
         self._thread = threading.Thread(target=self._run, args=args, daemon=True, name="vfgen-load")
         self._thread.start()
@@ -182,6 +190,11 @@ class BackgroundLoad:
             if time.monotonic() > end or self._future.done():
                 raise TimeoutError(f"load made only {self.completed}/{done} requests in {timeout}s")
             time.sleep(0.02)
+
+    def stop(self) -> LoadResult:
+        """Send no further request, let those in flight finish, and return the result."""
+        self._stop[0] = True
+        return self.result()
 
     def result(self) -> LoadResult:
         # The load bounds itself by its deadline; the margin covers cancellation.
