@@ -171,7 +171,8 @@ def _diff(old: Inst, new: Inst) -> str:
 
 def plan_apply(old: Iterable[Inst], new: Iterable[Inst], budget: float, *, start_timeout: float = 0.0,
                dispatcher: bool = True, backend: str = "systemd", conf: str | None = None,
-               early_files: Iterable[str] = (), final_files: Iterable[str] = (), stale: Iterable[str] = ()) -> ApplyPlan:
+               early_files: Iterable[str] = (), final_files: Iterable[str] = (), stale: Iterable[str] = (),
+               nginx_changed: bool = False) -> ApplyPlan:
     """The ordered actions from `old` (running) to `new`.
 
     `conf`: the supervisord conf path when it changed (written and reread first);
@@ -214,7 +215,12 @@ def plan_apply(old: Iterable[Inst], new: Iterable[Inst], budget: float, *, start
         peak[g] = v
     for path in early_files:
         record("write", path, "the nginx config includes it")
-    if dispatcher and (removed or changed or added or early_files):
+    busy = bool(removed or changed or added or early_files or nginx_changed)
+    over = {g: v for g, v in totals().items() if v > budget + EPS}
+    if over:
+        notes.append("the running shares already exceed the budget " + f"{budget:.2f}: "
+                     + ", ".join(f"GPU {g} {v:.2f}" for g, v in sorted(over.items())) + "; the stops below bring them under it")
+    if dispatcher and busy:
         record("check", "nginx", "nginx -t on the new config before anything changes; the running one is put back")
     if backend == "supervisord" and (conf or removed or changed or added):
         if conf:
@@ -275,7 +281,7 @@ def plan_apply(old: Iterable[Inst], new: Iterable[Inst], budget: float, *, start
         record("remove", path, "stale: vfgen wrote it, the deployment no longer has it")
     if backend == "systemd" and (removed or changed or added or final_files or stale):
         record("reload", "systemd", "systemctl daemon-reload, enable the target")
-    if dispatcher:
+    if dispatcher and (busy or final_files or stale):
         record("reload", "nginx", "the final config: nginx -t, then reload")
 
     models_after = {i.model for i in new_list}

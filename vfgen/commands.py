@@ -311,7 +311,7 @@ def apply(d: Deployment, *, output_dir: Path | None, dry_run: bool, systemctl: s
     stale = [s.path for s in manifest.stale_files(root, old, arts, "all") if s.path not in instance_files]
     ap = ap_mod.plan_apply(old_insts, new_insts, d.memory_budget, start_timeout=d.timeouts.start,
                            dispatcher=plan.dispatcher, backend=d.backend, conf=conf if conf in changed else None,
-                           early_files=early, final_files=final, stale=stale)
+                           early_files=early, final_files=final, stale=stale, nginx_changed=nginx_conf in changed)
     out.write(ap_mod.format_plan(ap, root))
     out.flush()
     if dry_run:
