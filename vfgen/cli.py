@@ -333,11 +333,15 @@ def rollout(
     timeout: Optional[float] = typer.Option(None, help="Seconds each instance may take to be healthy again. [default: --start-timeout]"),
     supervisorctl: Optional[str] = typer.Option(None, help="supervisorctl command line, e.g. 'supervisorctl -c /etc/supervisor/supervisord.conf'."),
     systemctl: Optional[str] = typer.Option(None, help="systemctl command line. [default: systemctl]"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Root the files live under, for draining through nginx. [default: /]", file_okay=False),
+    nginx: Optional[str] = typer.Option(None, help="nginx command line; -t and -s reload are added. [default: nginx]"),
+    drain: bool = typer.Option(True, "--drain/--no-drain", help="Mark each instance down in nginx and let its requests finish before the restart (needs nginx on this host)."),
 ) -> None:
-    """Restart instances one at a time, each after the previous is healthy again."""
+    """Restart instances one at a time, each drained first and healthy again before the next."""
     from vfgen import commands
 
-    raise typer.Exit(commands.rollout(deployment, timeout=timeout, supervisorctl=supervisorctl, systemctl=systemctl))
+    raise typer.Exit(commands.rollout(deployment, timeout=timeout, supervisorctl=supervisorctl, systemctl=systemctl,
+                                      output_dir=output_dir, nginx=nginx, drain=drain))
 
 
 @lora_app.command("load")

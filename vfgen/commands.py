@@ -263,7 +263,8 @@ def health_check(d: Deployment | None, *, urls: list[str], expected_model: str |
     return health.check(targets, timeout=timeout, as_json=as_json)
 
 
-def rollout(d: Deployment, *, timeout: float | None, supervisorctl: str | None, systemctl: str | None) -> int:
+def rollout(d: Deployment, *, timeout: float | None, supervisorctl: str | None, systemctl: str | None,
+            output_dir: Path | None = None, nginx: str | None = None, drain: bool = True) -> int:
     from vfgen import rollout as roll
 
     plan = build_plan(d)
@@ -271,13 +272,47 @@ def rollout(d: Deployment, *, timeout: float | None, supervisorctl: str | None, 
         roll.RolloutStep(name=i.unit if d.backend == "systemd" else i.name, url=i.url, expected_model=i.served_name)
         for i in sorted(plan.instances, key=lambda i: (i.start_order, i.name))
     ]
+    hooks = _drain_hooks(d, plan, output_dir or Path("/"), nginx) if drain else {}
     return roll.rollout(
         steps,
         backend=d.backend,
         timeout=timeout if timeout is not None else d.timeouts.start,
         supervisorctl=shlex.split(supervisorctl) if supervisorctl else None,
         systemctl=shlex.split(systemctl) if systemctl else None,
+        **hooks,
     )
+
+
+def _drain_hooks(d: Deployment, plan: Plan, root: Path, nginx: str | None) -> dict:
+    """drain/served/finish for rollout, through the apply executor, when nginx runs here."""
+    from vfgen import apply as ap_mod
+    from vfgen import manifest
+
+    old = manifest.read(root, d.name)
+    arts = select_artefacts(plan, "all")
+    nginx_art = next((a for a in arts if a.kind == "nginx" and not a.secret), None)
+    if not plan.dispatcher or old is None or nginx_art is None or nginx_art.path not in old.files:
+        sys.stderr.write(f"Note: no drain: no nginx config of {d.name} in the manifest under {root}; a stopping "
+                         "instance finishes its in-flight requests (--shutdown-timeout) and nginx retries new ones elsewhere.\n")
+        return {}
+    commands = ap_mod.Commands(systemctl=["systemctl"], supervisorctl=["supervisorctl"],
+                               nginx=shlex.split(nginx) if nginx else ["nginx"])
+    executor = ap_mod.Executor(root, plan, arts, old, commands, sys.stderr)
+    executor.state = dict(executor.new)  # every instance serves, at its rendered address
+    by_url = {i.url: i.name for i in plan.instances}
+
+    def drain(step) -> None:
+        executor.drain(by_url[step.url], "rollout")
+
+    def served(step) -> None:
+        executor.down.discard(by_url[step.url])  # nginx sends it requests again from the next reload
+
+    def finish() -> None:
+        executor.down.clear()
+        executor.nginx_update("rollout done")
+        executor.save_state()
+
+    return {"drain": drain, "served": served, "finish": finish}
 
 
 def apply(d: Deployment, *, output_dir: Path | None, dry_run: bool, systemctl: str | None, supervisorctl: str | None,
