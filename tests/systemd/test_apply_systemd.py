@@ -1,0 +1,183 @@
+"""`vfgen apply` under a real systemd 252 (nspawn) with the container's own nginx: 4 -> 2 -> 4 under load.
+
+The deployment is installed as docs/systemd.md says (render --output-dir /, start the
+target, start nginx.service), then changed twice with `vfgen apply` run inside the
+container. During each change a load generator runs in the container's network
+namespace (one connection per request, every non-2xx and socket error counted), and a
+sampler on the host reads, every 50 ms, every stand-in process of this container
+(/proc: its --gpu-memory-utilization and CUDA_VISIBLE_DEVICES) and sums the shares per
+GPU. Afterwards: exactly the planned units exist and run, no stale unit file, the
+foreign files in /etc/systemd/system and /etc/nginx/conf.d are untouched, and nginx's
+access log shows no request that met a failing backend first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness.nspawn import booted_container, service_binds
+from tests.harness.systemd_deploy import VFGEN_BIN, Spec, SystemdDeployment
+
+BUDGET = 0.92
+UPSTREAM_LOG = "/var/log/nginx/vfgen-upstreams.log"
+FOREIGN = {
+    "/etc/systemd/system/foreign.service": "[Unit]\nDescription=not vfgen's\n[Service]\nExecStart=/bin/true\n",
+    "/etc/nginx/conf.d/00-upstream-log.conf": (
+        "# not vfgen's: which backends nginx tried for each request\n"
+        "log_format vfgen_upstreams '$msec $status \"$request\" upstream=\"$upstream_addr\" "
+        "upstream_status=\"$upstream_status\"';\n"
+        f"access_log {UPSTREAM_LOG} vfgen_upstreams;\n"
+    ),
+}
+
+
+class ContainerShares:
+    """Per-GPU share sum of the container's stand-in vLLM processes, sampled from the host."""
+
+    def __init__(self, cgroup_name: str) -> None:
+        self.cgroup_name = cgroup_name
+        self.peak: dict[str, float] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "ContainerShares":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def sample(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                if "serve" not in argv or "launch" in argv or "--gpu-memory-utilization" not in argv:
+                    continue
+                if self.cgroup_name not in (proc / "cgroup").read_text():
+                    continue
+                env = dict(e.split("=", 1) for e in (proc / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in e)
+            except OSError:
+                continue
+            share = float(argv[argv.index("--gpu-memory-utilization") + 1])
+            for gpu in env.get("CUDA_VISIBLE_DEVICES", "?").split(","):
+                totals[gpu] = totals.get(gpu, 0.0) + share
+        return totals
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for gpu, total in self.sample().items():
+                self.peak[gpu] = max(self.peak.get(gpu, 0.0), total)
+            self.samples += 1
+            self._stop.wait(0.05)
+
+
+def _load_argv(pid1: int, url: str, body: dict, stop_file: str) -> list[str]:
+    return ["nsenter", "-t", str(pid1), "--net", "--", sys.executable, "-m", "tests.harness.netns_load",
+            url, json.dumps(body), "6", stop_file, "--deadline", "300"]
+
+
+def _unit_names(sd: SystemdDeployment) -> set[str]:
+    out = sd.container.systemctl("list-units", "--all", "--plain", "--no-legend", f"{sd.spec.name}-*").stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def _unit_files(sd: SystemdDeployment) -> set[str]:
+    return set(sd.container.run(["sh", "-c", f"cd /etc/systemd/system && ls -1 {sd.spec.name}-*.service"]).stdout.split())
+
+
+def _apply_under_load(sd: SystemdDeployment, spec: Spec, tmp_path: Path) -> str:
+    c = sd.container
+    stop_file = tmp_path / f"stop-{spec.instances}"
+    log_before = len(c.run(["cat", UPSTREAM_LOG], check=False).stdout)
+    load = subprocess.Popen(_load_argv(c.pid1, f"http://127.0.0.1:{spec.port}/v1/chat/completions", sd.chat_body(), str(stop_file)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    try:
+        time.sleep(2.0)  # load before the change
+        with ContainerShares(c.name) as shares:
+            result = c.run([str(VFGEN_BIN), "apply", *spec.render_args()], check=False, timeout=400)
+            time.sleep(1.0)  # and after it, on the final config
+        stop_file.write_text("")
+        out, err = load.communicate(timeout=60)
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.communicate()
+    print(f"\n{result.stdout}\n{result.stderr}\nload: {out.strip()[-600:]} {err[-2000:]}\npeak {shares.peak} over {shares.samples} samples")
+    assert result.returncode == 0, f"apply failed:\n{result.stdout}\n{result.stderr}\n{sd.diagnostics()}"
+    replies = json.loads(out)
+    assert replies["requests"] > 100, replies
+    assert replies["statuses"] == {"200": replies["requests"]}, replies
+    assert shares.samples > 20, shares.samples
+    assert all(total <= BUDGET + 1e-9 for total in shares.peak.values()), f"GPU over budget: {shares.peak}"
+    log = c.run(["cat", UPSTREAM_LOG]).stdout[log_before:]
+    retried = [line for line in log.splitlines() if re.search(r'upstream_status="[^"]*\b5\d\d\b', line)]
+    assert log.strip() and not retried, f"{len(retried)} request(s) met a failing backend first: {retried[:3]}"
+    return result.stdout
+
+
+def _assert_converged(sd: SystemdDeployment, spec: Spec) -> None:
+    c = sd.container
+    sd.spec = spec
+    wanted = {f"{spec.name}-qwen3-0-6b-{k}.service" for k in range(spec.instances)}
+    assert _unit_files(sd) == wanted
+    loaded = _unit_names(sd) - {f"{spec.name}.target"}
+    assert loaded == wanted, f"units systemd knows: {sorted(loaded)}, wanted {sorted(wanted)}"
+    for unit in wanted:
+        assert c.show(unit, "ActiveState")["ActiveState"] == "active", unit
+    dry = c.run([str(VFGEN_BIN), "render", *spec.render_args(), "--output-dir", "/", "--dry-run"]).stdout
+    assert all(line.startswith("unchanged") for line in dry.splitlines()), dry
+    for path, content in FOREIGN.items():
+        assert c.read_file(path) == content, f"apply changed {path}"
+    wants = c.run(["ls", f"/etc/systemd/system/{spec.name}.target.wants"]).stdout.split()
+    assert set(wants) == wanted, wants
+
+
+pytestmark = pytest.mark.systemd
+
+
+def test_apply_4_2_4_under_systemd_with_load(rootfs: Path, tmp_path: Path) -> None:
+    spec = Spec(name="vt", instances=4, cuda_devices="0", latency=0.05, startup_delay=0.5, shutdown_timeout=3,
+                start_timeout=30)
+    with booted_container(binds=service_binds(), rootfs=rootfs) as container:
+        sd = SystemdDeployment(container, spec)
+        try:
+            sd.prepare()
+            sd.install()
+            for path, content in FOREIGN.items():
+                container.write_file(path, content)
+            sd.start()
+            container.systemctl("enable", *sd.units)
+            container.run(["nginx", "-t"])
+            container.systemctl("start", "nginx.service")
+            sd.wait_until(lambda: sd.run_client([{"url": f"http://127.0.0.1:{spec.port}/health"}], 1, 5)[0]["status"] == 200,
+                          15, "nginx /health")
+
+            two = dataclasses.replace(spec, instances=2)
+            out = _apply_under_load(sd, two, tmp_path)
+            order = [line.split()[:2] for line in out.splitlines() if line.split()[:1] in (["stop"], ["restart"], ["start"])]
+            assert order == [["stop", "vt-qwen3-0-6b-3"], ["stop", "vt-qwen3-0-6b-2"],
+                             ["restart", "vt-qwen3-0-6b-0"], ["restart", "vt-qwen3-0-6b-1"]], out
+            _assert_converged(sd, two)
+
+            out = _apply_under_load(sd, spec, tmp_path)
+            order = [line.split()[:2] for line in out.splitlines() if line.split()[:1] in (["stop"], ["restart"], ["start"])]
+            assert order == [["restart", "vt-qwen3-0-6b-0"], ["restart", "vt-qwen3-0-6b-1"],
+                             ["start", "vt-qwen3-0-6b-2"], ["start", "vt-qwen3-0-6b-3"]], out
+            _assert_converged(sd, spec)
+        except Exception:
+            print(sd.diagnostics())
+            raise
