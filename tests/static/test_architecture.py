@@ -28,6 +28,7 @@ CORE_IMPORTS: dict[str, set[str]] = {
     "plan": {"config", "errors", "jsonpcre", "memory", "quoting"},
     "render": {"", "config", "errors", "plan", "quoting"},
     "output": {"errors", "render"},
+    "manifest": {"errors", "output", "render"},
 }
 
 
