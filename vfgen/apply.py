@@ -384,6 +384,7 @@ class Executor:
         self.files = dict(old.files) if old else {}
         self.down: set[str] = set()  # instance names nginx must send nothing to
         self.last_reload = -RELOAD_SPACING_S
+        self.first_install = not self.state  # no instance of this deployment was running
         self.done: list[str] = []
         self.http = requests.Session()
         self.http.trust_env = False
@@ -458,7 +459,14 @@ class Executor:
                 self.write([dataclasses.replace(self.nginx_art, content=previous)])
                 self.say(f"  nginx config restored to the one nginx runs: {target}")
             raise
-        self.run([*self.cmd.nginx, "-s", "reload"], 60, f"nginx reload ({why})")
+        try:
+            self.run([*self.cmd.nginx, "-s", "reload"], 60, f"nginx reload ({why})")
+        except StepFailed as exc:
+            if not self.first_install:
+                raise
+            # Nothing of this deployment ran before, so nothing can lose a request; nginx may
+            # simply not be running yet.
+            self.say(f"  nginx did not reload ({exc}); start nginx to serve the deployment")
         self.last_reload = time.monotonic()
 
     def check_nginx(self) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -26,64 +25,13 @@ import pytest
 
 from tests.harness.deploy import LiveDeployment, stand_in_args, wait_until
 from tests.harness.load import start_load
+from tests.harness.shares import ShareSampler, argv_of
 
 pytestmark = pytest.mark.live
 
 BUDGET = 0.92
 FOREIGN = ("etc/nginx/conf.d/foreign.conf", "etc/supervisor/conf.d/foreign.txt", "etc/prometheus/file_sd/other.json",
            "etc/systemd/system/foreign.service")
-
-
-class ShareSampler:
-    """Per-GPU sum of the shares of every stand-in process of a deployment, sampled in a thread."""
-
-    def __init__(self, d: LiveDeployment) -> None:
-        self.d = d
-        self.peak: dict[str, float] = {}
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "ShareSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def sample(self) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for pid in self.d.instance_pids():
-            argv = _argv(pid)
-            if "serve" not in argv or "launch" in argv or "--gpu-memory-utilization" not in argv:
-                continue  # the launcher, not the stand-in it started
-            share = float(argv[argv.index("--gpu-memory-utilization") + 1])
-            for gpu in _environ(pid).get("CUDA_VISIBLE_DEVICES", "?").split(","):
-                totals[gpu] = totals.get(gpu, 0.0) + share
-        return totals
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for gpu, total in self.sample().items():
-                self.peak[gpu] = max(self.peak.get(gpu, 0.0), total)
-            self.samples += 1
-            self._stop.wait(0.05)
-
-
-def _argv(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-def _environ(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return {}
-    return dict(item.split("=", 1) for item in raw if "=" in item)
 
 
 def _put_foreign_files(d: LiveDeployment) -> dict[str, str]:
@@ -114,7 +62,7 @@ def _down_servers(d: LiveDeployment) -> set[str]:
 
 
 def _listener_argv(d: LiveDeployment, port: int) -> list[str]:
-    return _argv(d.vllm_pid(d.backend_by_port(port)))
+    return argv_of(d.vllm_pid(d.backend_by_port(port)))
 
 
 def apply_under_load(d: LiveDeployment, spec, model: str = "m", *, concurrency: int = 8) -> tuple[str, dict[str, float]]:
@@ -123,7 +71,7 @@ def apply_under_load(d: LiveDeployment, spec, model: str = "m", *, concurrency: 
     load = start_load(f"{d.url}/v1/completions", count=100_000, concurrency=concurrency,
                       body={"model": model, "prompt": "hi", "max_tokens": 4}, deadline=240, keepalive=False)
     load.wait_for_progress(50, timeout=30)
-    with ShareSampler(d) as sampler:
+    with ShareSampler(lambda: d.instance_pids()) as sampler:
         began = load.completed
         result = d.apply(spec, check=False)
         during = load.completed - began

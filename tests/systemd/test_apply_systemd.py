@@ -18,13 +18,13 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.harness.nspawn import booted_container, service_binds
+from tests.harness.shares import ShareSampler, in_cgroup
 from tests.harness.systemd_deploy import VFGEN_BIN, Spec, SystemdDeployment
 
 BUDGET = 0.92
@@ -38,51 +38,6 @@ FOREIGN = {
         f"access_log {UPSTREAM_LOG} vfgen_upstreams;\n"
     ),
 }
-
-
-class ContainerShares:
-    """Per-GPU share sum of the container's stand-in vLLM processes, sampled from the host."""
-
-    def __init__(self, cgroup_name: str) -> None:
-        self.cgroup_name = cgroup_name
-        self.peak: dict[str, float] = {}
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "ContainerShares":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def sample(self) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-                if "serve" not in argv or "launch" in argv or "--gpu-memory-utilization" not in argv:
-                    continue
-                if self.cgroup_name not in (proc / "cgroup").read_text():
-                    continue
-                env = dict(e.split("=", 1) for e in (proc / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in e)
-            except OSError:
-                continue
-            share = float(argv[argv.index("--gpu-memory-utilization") + 1])
-            for gpu in env.get("CUDA_VISIBLE_DEVICES", "?").split(","):
-                totals[gpu] = totals.get(gpu, 0.0) + share
-        return totals
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for gpu, total in self.sample().items():
-                self.peak[gpu] = max(self.peak.get(gpu, 0.0), total)
-            self.samples += 1
-            self._stop.wait(0.05)
 
 
 def _load_argv(pid1: int, url: str, body: dict, stop_file: str) -> list[str]:
@@ -107,7 +62,7 @@ def _apply_under_load(sd: SystemdDeployment, spec: Spec, tmp_path: Path) -> str:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
     try:
         time.sleep(2.0)  # load before the change
-        with ContainerShares(c.name) as shares:
+        with ShareSampler(in_cgroup(c.name)) as shares:
             result = c.run([str(VFGEN_BIN), "apply", *spec.render_args()], check=False, timeout=400)
             time.sleep(1.0)  # and after it, on the final config
         stop_file.write_text("")
