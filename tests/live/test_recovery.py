@@ -42,7 +42,7 @@ def _deploy(live_deploy, fail_timeout: int = 5, **extra):
 
 def _outage(d) -> None:
     """Stop every backend, then send requests so nginx marks every server failed."""
-    d.supervisorctl("stop", f"{d.name}:*")
+    d.supervisorctl("stop", *(d.program(b) for b in d.backends))
     assert set(d.status().values()) == {"STOPPED"}, d.status()
     result = run_load(f"{d.url}/v1/completions", count=16, concurrency=16, body=BODY, deadline=30)
     assert result.statuses == {503: 16}, result.summary()
