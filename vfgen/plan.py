@@ -5,6 +5,7 @@ The renderer only formats a Plan; all arithmetic lives here.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import math
@@ -22,6 +23,12 @@ from vfgen.errors import ConfigError, PlanError
 LOCK_RELEASE_MARGIN_S = 30
 # systemd TimeoutStartSec beyond the launcher's own waits: exec, Python start-up, probes.
 UNIT_START_MARGIN_S = 60
+
+
+# nginx hashes variable names into 64-byte buckets (variables_hash_bucket_size, set in
+# nginx.conf, not here): a name longer than 46 characters fails `nginx -t`. The longest
+# suffix vfgen appends is 24, so a longer deployment name gets a hashed prefix.
+NGINX_PREFIX_MAX = 22
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,9 @@ class Plan:
     route_by_model: bool  # inspect the JSON body for "model" (several models)
     target: str  # systemd target grouping every instance
     nginx_prefix: str  # prefix of nginx variables, which allow only [A-Za-z0-9_]
+    # Prefix of regex named captures (they become nginx variables too): PCRE2 allows
+    # 32 characters per name, so a hash of the deployment name instead of the name.
+    capture_prefix: str
     stop_timeout: int  # TimeoutStopSec / stopwaitsecs: vLLM's drain time plus a margin to exit
     monitoring: Monitoring
     memory: tuple[MemoryFit, ...] = ()
@@ -285,7 +295,11 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
             last_on_gpu[g] = inst
 
     pools = tuple(_pool(d, m, [i for i in instances if i.model == m.key]) for m in d.models)
+    digest = hashlib.sha256(d.name.encode()).hexdigest()[:10]
     prefix = "vfgen_" + d.name.replace("-", "_")
+    if len(prefix) > NGINX_PREFIX_MAX:
+        prefix = f"vfgen_{digest}"
+    capture_prefix = f"vf{digest}"
     route_by_model = len(d.models) > 1
     return Plan(
         deployment=d,
@@ -297,12 +311,13 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
         route_by_model=route_by_model,
         target=f"{d.name}.target",
         nginx_prefix=prefix,
+        capture_prefix=capture_prefix,
         stop_timeout=d.timeouts.shutdown + 15,
         monitoring=_monitoring(d, single, ports),
         memory=memory,
         warnings=warnings,
         served_models=_served_models(d, pools),
-        routing=_model_routing(d, pools, prefix) if route_by_model else None,
+        routing=_model_routing(d, pools, capture_prefix) if route_by_model else None,
         body_buffer_bytes=CHUNK_FRAMING_FACTOR * nginx_size_bytes(d.max_body_size) + CHUNK_FRAMING_SLACK,
         instance_urls=tuple(f"http://{server}" for pool in pools for server in pool.servers),
     )
@@ -348,8 +363,8 @@ def _declared_max_model_len(m: ModelSpec) -> int | None:
         return None  # an unreadable config.json is reported by the memory checks, not here
 
 
-def _model_routing(d: Deployment, pools: tuple[Pool, ...], prefix: str) -> ModelRouting:
-    capture = f"{prefix}_m"
+def _model_routing(d: Deployment, pools: tuple[Pool, ...], capture_prefix: str) -> ModelRouting:
+    capture = f"{capture_prefix}_m"
     patterns = jsonpcre.body_patterns(capture)
     unreadable, ambiguous, empty = '"unreadable', '"ambiguous', '"empty'
     unknown, missing = f"{d.name}-unknown-model", f"{d.name}-missing-model"

@@ -77,6 +77,12 @@ def nginx_regex(pattern: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def nginx_exact_key(value: str) -> str:
+    """A map key matching exactly `value`, as an anchored regex: regex keys are not hashed,
+    so no name length can overflow map_hash_bucket_size (64 bytes, set only in nginx.conf)."""
+    return nginx_regex(f"~^{pcre_literal(value)}$")
+
+
 def pcre_literal(value: str) -> str:
     """Escape `value` so PCRE matches it literally (byte for byte, unicode included)."""
     return "".join(c if c.isalnum() or c == "_" or ord(c) > 127 else "\\" + c for c in value)

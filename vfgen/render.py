@@ -93,6 +93,7 @@ def environment() -> jinja2.Environment:
     env.filters.update(
         nginx_str=quoting.nginx_str,
         nginx_regex=quoting.nginx_regex,
+        nginx_exact_key=quoting.nginx_exact_key,
         nginx_vars=quoting.nginx_vars,
         systemd_exec=quoting.systemd_exec,
         systemd_env=quoting.systemd_env,
@@ -231,7 +232,7 @@ def render_nginx(plan: Plan) -> str:
         fields = "|".join(SHAPE_FIELDS)
         for n in range(1, SHAPE_PASSES + 1):
             target = f"{p}_shape" if n == SHAPE_PASSES else f"{p}_shape{n}"
-            a, b = f"{p}_s{n}a", f"{p}_s{n}b"
+            a, b = f"{plan.capture_prefix}_s{n}a", f"{plan.capture_prefix}_s{n}b"
             shape_maps.append({
                 "source": source,
                 "target": target,

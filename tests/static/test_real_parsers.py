@@ -68,6 +68,22 @@ def test_nginx_t_accepts_rendered_config(name: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+# The longest name config accepts: variable names and regex captures derived from it must
+# still fit nginx's variables hash (bucket 64) and PCRE2's 32-character capture names.
+LONGEST_NAME = "d" + "-x" * 19 + "y"
+
+
+@pytest.mark.parametrize("name", NGINX_SCENARIOS)
+def test_nginx_t_accepts_the_longest_deployment_name(name: str, tmp_path: Path) -> None:
+    nginx = require_tool("nginx", "nginx-light")
+    assert len(LONGEST_NAME) == 40
+    tree = render_tree(with_options(scenario_args(name), "--name", LONGEST_NAME), tmp_path / "root")
+    (conf,) = (tree / "etc/nginx/conf.d").glob("*.conf")
+    assert conf.name == f"{LONGEST_NAME}.conf"
+    result = nginx_test(nginx, nginx_wrapper(tmp_path, str(conf)), tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
 def test_nginx_t_rejects_a_broken_config(tmp_path: Path) -> None:
     """The check above can fail: a stray brace is caught."""
     nginx = require_tool("nginx", "nginx-light")
