@@ -590,6 +590,17 @@ def test_outage_then_bursts_right_after_recovery_fail_nothing(cpu_deployment: Li
     d.supervisorctl("stop", *(d.program(b) for b in chat), timeout=120)
     down = post(d, "/v1/completions", completion(4))
     assert_json_error(down.status_code, down.headers, down.content, 503)
+    # The official SDK retries the outage's 503 after its Retry-After (1 s), then raises its own type.
+    import openai
+
+    sdk = openai.OpenAI(base_url=f"{d.url}/v1", api_key="none", max_retries=1, timeout=REQUEST_TIMEOUT)
+    asked = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as outage:
+        sdk.completions.create(model=CHAT, prompt="hello world", max_tokens=4)
+    waited = time.monotonic() - asked
+    record(f"openai SDK during the outage: {type(outage.value).__name__} {outage.value.status_code} "
+           f"after {waited:.2f}s (1 retry): {outage.value}")
+    assert outage.value.status_code == 503 and waited >= 0.9, (outage.value, waited)
 
     starters = d.start_programs(chat)
     try:
