@@ -69,6 +69,8 @@ class Spec:
     shutdown_timeout: int = 5
     start_timeout: int = 60
     extra_env: tuple[str, ...] = ()
+    max_batch_size: int = 32
+    vllm_args: tuple[str, ...] = ()  # after `--`, passed to every instance
     env_file: str | None = None  # written by prepare(), root-only, holding SECRET_ENV
 
     def render_args(self) -> list[str]:
@@ -88,7 +90,8 @@ class Spec:
             args += ["--env", pair]
         if self.env_file:
             args += ["--env-file", self.env_file]
-        return args
+        args += ["--max-batch-size", str(self.max_batch_size)]
+        return args + (["--", *self.vllm_args] if self.vllm_args else [])
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""`vfgen apply` under a real systemd 252 (nspawn) with the container's own nginx: 4 -> 2 -> 4 under load.
+"""`vfgen apply` under a real systemd 252 (nspawn) with the container's own nginx, under load:
+4 -> 2 -> 4 instances, then a changed --max-batch-size, then a changed vLLM argument.
 
 The deployment is installed as docs/systemd.md says (render --output-dir /, start the
 target, start nginx.service), then changed twice with `vfgen apply` run inside the
@@ -56,7 +57,7 @@ def _unit_files(sd: SystemdDeployment) -> set[str]:
 
 def _apply_under_load(sd: SystemdDeployment, spec: Spec, tmp_path: Path) -> str:
     c = sd.container
-    stop_file = tmp_path / f"stop-{spec.instances}"
+    stop_file = tmp_path / f"stop-{time.monotonic_ns()}"  # one per change: a used one stops the load at once
     log_before = len(c.run(["cat", UPSTREAM_LOG], check=False).stdout)
     load = subprocess.Popen(_load_argv(c.pid1, f"http://127.0.0.1:{spec.port}/v1/chat/completions", sd.chat_body(), str(stop_file)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
@@ -93,7 +94,9 @@ def _assert_converged(sd: SystemdDeployment, spec: Spec) -> None:
     assert loaded == wanted, f"units systemd knows: {sorted(loaded)}, wanted {sorted(wanted)}"
     for unit in wanted:
         assert c.show(unit, "ActiveState")["ActiveState"] == "active", unit
-    dry = c.run([str(VFGEN_BIN), "render", *spec.render_args(), "--output-dir", "/", "--dry-run"]).stdout
+    args = spec.render_args()
+    split = args.index("--") if "--" in args else len(args)  # what follows `--` belongs to vLLM
+    dry = c.run([str(VFGEN_BIN), "render", *args[:split], "--output-dir", "/", "--dry-run", *args[split:]]).stdout
     assert all(line.startswith("unchanged") for line in dry.splitlines()), dry
     for path, content in FOREIGN.items():
         assert c.read_file(path) == content, f"apply changed {path}"
@@ -133,6 +136,21 @@ def test_apply_4_2_4_under_systemd_with_load(rootfs: Path, tmp_path: Path) -> No
             assert order == [["restart", "vt-qwen3-0-6b-0"], ["restart", "vt-qwen3-0-6b-1"],
                              ["start", "vt-qwen3-0-6b-2"], ["start", "vt-qwen3-0-6b-3"]], out
             _assert_converged(sd, spec)
+
+            # A changed --max-batch-size, then a changed vLLM argument: every instance restarted
+            # one at a time, and each runs with the new value.
+            every_restart = [["restart", f"vt-qwen3-0-6b-{k}"] for k in range(4)]
+            for changed, flag, value in ((dataclasses.replace(spec, max_batch_size=8), "--max-num-seqs", "8"),
+                                         (dataclasses.replace(spec, max_batch_size=8, vllm_args=("--fake-latency", "0.03")),
+                                          "--fake-latency", "0.03")):
+                out = _apply_under_load(sd, changed, tmp_path)
+                order = [line.split()[:2] for line in out.splitlines() if line.split()[:1] in (["stop"], ["restart"], ["start"])]
+                assert order == every_restart, out
+                _assert_converged(sd, changed)
+                for unit in sd.units:
+                    argv = container.run(["cat", f"/proc/{sd.vllm_pid(unit)}/cmdline"]).stdout.split("\0")
+                    assert argv[argv.index(flag) + 1] == value, (unit, argv)
+            assert "max_conns=8 " in container.read_file(f"/etc/nginx/conf.d/{spec.name}.conf")
         except Exception:
             print(sd.diagnostics())
             raise
