@@ -301,6 +301,8 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
         prefix = f"vfgen_{digest}"
     capture_prefix = f"vf{digest}"
     route_by_model = len(d.models) > 1
+    routing = _model_routing(d, pools, capture_prefix) if route_by_model else None
+    _refuse_upstream_clashes(d, pools, routing)
     return Plan(
         deployment=d,
         instances=tuple(instances),
@@ -317,7 +319,7 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
         memory=memory,
         warnings=warnings,
         served_models=_served_models(d, pools),
-        routing=_model_routing(d, pools, capture_prefix) if route_by_model else None,
+        routing=routing,
         body_buffer_bytes=CHUNK_FRAMING_FACTOR * nginx_size_bytes(d.max_body_size) + CHUNK_FRAMING_SLACK,
         instance_urls=tuple(f"http://{server}" for pool in pools for server in pool.servers),
     )
@@ -361,6 +363,22 @@ def _declared_max_model_len(m: ModelSpec) -> int | None:
         return memory.declared_max_model_len(model_dir)
     except ConfigError:
         return None  # an unreadable config.json is reported by the memory checks, not here
+
+
+def _refuse_upstream_clashes(d: Deployment, pools: tuple[Pool, ...], routing: ModelRouting | None) -> None:
+    """Every nginx upstream name once: a model keyed `health` or `x-affinity` would reuse one
+    vfgen derives for something else, and nginx refuses a duplicate upstream."""
+    owners: dict[str, str] = {f"{d.name}-health": "the dispatcher's /health"}
+    for up, _ in routing.errors if routing else ():
+        owners[up] = "an error answer"
+    for pool in pools:
+        for name in (pool.upstream, pool.affinity_upstream, pool.last_resort_upstream):
+            if name is None:
+                continue
+            if name in owners:
+                raise PlanError(f"model key {pool.model!r}: its nginx upstream {name!r} is already the upstream of "
+                                f"{owners[name]}; give the model another `name`")
+            owners[name] = f"model {pool.model!r}"
 
 
 def _model_routing(d: Deployment, pools: tuple[Pool, ...], capture_prefix: str) -> ModelRouting:

@@ -224,3 +224,14 @@ def test_route_table_order_names_first_then_the_markers():
     assert routes[0][0] == "~^[A-Z]+:(?:a|\\\\u0061)$"
     assert [key for key, _ in plan.routing.body][0] == ""  # no body in memory: an exact key, before any regex
     assert plan_of(models=[{"model": "a"}]).routing is None  # one model: no body inspection
+
+
+@pytest.mark.parametrize("models,clash", [
+    ([{"model": "a", "name": "health", "instances": 2}], "the dispatcher's /health"),
+    ([{"model": "a", "instances": 2}, {"model": "b", "name": "unknown-model", "instances": 2}], "an error answer"),
+    ([{"model": "a", "name": "x", "instances": 2, "routing": "prefix"},
+      {"model": "b", "name": "x-affinity", "instances": 2}], "model 'x'"),
+])
+def test_a_model_key_that_reuses_a_derived_upstream_name_is_refused(models, clash):
+    with pytest.raises(PlanError, match=f"its nginx upstream .* is already the upstream of {clash}"):
+        plan_of(name="d", models=models)
