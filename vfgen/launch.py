@@ -119,6 +119,13 @@ def _warn(message: str) -> None:
     print(f"vfgen-launch: {message}", file=sys.stderr, flush=True)
 
 
+def _blank_run_start(ch: str, buf: list[str], start: int | None) -> int | None:
+    """Where the run of blanks at the end of `buf` starts once `ch` is appended (None: no run)."""
+    if ch not in _SPACE:
+        return None
+    return len(buf) if start is None else start
+
+
 def parse_env_text(text: str) -> list[tuple[int, str, str | None]]:
     """(line, key, value) per assignment, as systemd's env-file state machine reads them.
 
@@ -159,10 +166,7 @@ def parse_env_text(text: str) -> list[tuple[int, str, str | None]]:
             elif ch == "=":
                 state, value_blank_at = "pre_value", None
             else:
-                if ch not in _SPACE:
-                    key_blank_at = None
-                elif key_blank_at is None:
-                    key_blank_at = len(key)
+                key_blank_at = _blank_run_start(ch, key, key_blank_at)
                 key.append(ch)
         elif state == "pre_value":
             if ch in _NEWLINE:
@@ -184,10 +188,7 @@ def parse_env_text(text: str) -> list[tuple[int, str, str | None]]:
             elif ch == "\\":
                 state, value_blank_at = "escape", None
             else:
-                if ch not in _SPACE:
-                    value_blank_at = None
-                elif value_blank_at is None:
-                    value_blank_at = len(value)
+                value_blank_at = _blank_run_start(ch, value, value_blank_at)
                 value.append(ch)
         elif state == "escape":
             state = "value"
