@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: test deps test-fast bench demo golden
+.PHONY: test deps test-fast bench demo golden readme-options
 
 test: deps
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
@@ -16,6 +16,10 @@ test-fast:
 
 golden:
 	UPDATE_GOLDEN=1 $(PYTHON) -m pytest tests/unit/test_golden.py
+
+# The README's options table, generated from the option table in vfgen/options.py.
+readme-options:
+	$(PYTHON) -m vfgen.options --write-readme README.md
 
 bench:
 	$(PYTHON) -m bench

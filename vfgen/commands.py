@@ -13,11 +13,11 @@ from typing import TextIO
 
 from vfgen.config import Deployment
 from vfgen.errors import OutputError
+from vfgen.options import ONLY as ONLY_CHOICES
 from vfgen.plan import Plan, build_plan
 from vfgen.render import Artefact, render_all
 from vfgen.tables import table_lines
 
-ONLY_CHOICES = ("all", "backends", "dispatcher")
 DISPATCHER_KINDS = ("nginx", "nginx-exporter")  # what a load-balancer host installs
 
 

@@ -25,6 +25,8 @@ from vfgen.memory import parse_size
 from vfgen.quoting import CONTROL_CHARS as _CONTROL
 from vfgen.quoting import ENV_NAME as _ENV_KEY
 from vfgen.memory import KV_CACHE_DTYPE_BYTES
+# The value vocabularies and error labels the CLI options share (vfgen/options.py).
+from vfgen.options import ACCESS_LOGS, BACKENDS, CLI_LABELS, DTYPES, ROUTINGS
 from vfgen.quoting import SURROGATES as _SURROGATE  # YAML "\ud800" escapes make them
 
 # Below 5% of a GPU an instance cannot hold even a small encoder plus its
@@ -34,11 +36,6 @@ DEFAULT_MIN_SHARE = 0.05
 # embedding requests; 32 MiB still fits in memory per request.
 DEFAULT_MAX_BODY_SIZE = "32m"
 
-DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
-# How nginx picks a model's backend (docs: README "Routing"). `shape` is the old
-# enable_request_affinity; `prefix` and `session` keep a conversation on one backend
-# so vLLM's prefix cache hits, with bounded load (max_conns, then least_conn overflow).
-ROUTINGS = ("least_conn", "shape", "prefix", "session")
 # Bytes of the first message (or prompt) and of the first user message in the prefix key.
 # Measured (docs/benchmarks.md "Prefix routing"): the cheapest slice of those measured
 # (64, 256, 1024, 4096) that holds a first sentence; longer ones spread no better.
@@ -47,9 +44,6 @@ DEFAULT_PREFIX_BYTES = 256
 MAX_PREFIX_BYTES = 65535
 # nginx drops headers with '_' unless underscores_in_headers is on: letters, digits, '-'.
 _HEADER = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?")
-BACKENDS = ("systemd", "supervisord")
-# nginx access log: `default` leaves logging to nginx.conf; `json` writes one JSON object per request.
-ACCESS_LOGS = ("default", "json")
 # Debian's prometheus-nginx-exporter listens here by default; nginx's loopback stub_status next to it.
 DEFAULT_NGINX_EXPORTER_PORT = 9113
 DEFAULT_NGINX_STATUS_PORT = 9112
@@ -657,7 +651,7 @@ def _parse_model(v: "_Validator", raw: Any, index: int) -> ModelSpec:
         gpus=gpus,
         tensor_parallel_size=tp,
         memory_share=share,
-        max_batch_size=v.integer(f"{p}max_batch_size", data.get("max_batch_size", 32), low=1, high=100000),
+        max_batch_size=v.integer(f"{p}max_batch_size", data.get("max_batch_size", ModelSpec.max_batch_size), low=1, high=100000),
         max_model_len=None if data.get("max_model_len") is None else v.integer(f"{p}max_model_len", data["max_model_len"], low=1, high=10**8),
         dtype=None if dtype is None else v.choice(f"{p}dtype", dtype, DTYPES),
         enforce_eager=v.boolean(f"{p}enforce_eager", data.get("enforce_eager", False)),
@@ -921,23 +915,6 @@ def _check_unique(v: "_Validator", models: tuple[ModelSpec, ...]) -> None:
             names[a.name] = f"models[{i}].lora_modules[{j}]" if v.source is not None else "lora_modules"
 
 
-# Fields whose CLI spelling is not simply `--field-name`.
-_CLI_LABELS = {
-    "model": "MODEL",
-    "gpus": "--cuda-devices",
-    "extra_args": "arguments after --",
-    "timeouts.start": "--start-timeout",
-    "timeouts.shutdown": "--shutdown-timeout",
-    "timeouts.read": "--read-timeout",
-    "timeouts.connect": "--connect-timeout",
-    "timeouts.fail": "--fail-timeout",
-    "timeouts.lock": "--lock-timeout",
-    "upstream_hosts": "--upstream-host",
-    "instance_env": "--instance-env",
-    "lora_modules": "--lora-module",
-}
-
-
 class _Validator:
     """Field checks that raise ConfigError with the field spelled as the user wrote it."""
 
@@ -956,8 +933,9 @@ class _Validator:
         if self._from_cli(name):  # CLI: show the option name
             base = re.sub(r"\[\d+\]$", "", name)
             if base.startswith("env."):
-                return f"--env {base[4:]}"
-            return _CLI_LABELS.get(base, "--" + base.replace("_", "-"))
+                return f"{CLI_LABELS['env']} {base[4:]}"
+            # A field no option sets (min_memory_share, aliases ...) keeps its file name.
+            return CLI_LABELS.get(base, base)
         return name
 
     def error(self, name: str, value: Any, reason: str) -> ConfigError:

@@ -489,9 +489,9 @@ def test_api_keys_are_rejected_by_line_without_echo_or_matched_exactly(lines: li
 
 
 def cli_opts(**given: Any) -> dict[str, Any]:
-    from vfgen.cli import _DEPLOYMENT_PARAMS
+    from vfgen.options import unset
 
-    opts = {name: (False if annot is bool else None) for name, annot, _ in _DEPLOYMENT_PARAMS}
+    opts = unset()
     opts.update(instances=2, user="nobody", vfgen_bin="/usr/local/bin/vfgen", vllm_bin="/opt/vllm/bin/vllm")
     opts.update(given)
     return opts

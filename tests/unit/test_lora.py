@@ -148,9 +148,10 @@ def test_plan_adds_lora_memory_and_says_how(tmp_path):
 
 
 def test_cli_lora_options_build_the_same_model_as_the_file(tmp_path):
-    from vfgen.cli import _DEPLOYMENT_PARAMS, load_deployment
+    from vfgen.cli import load_deployment
+    from vfgen.options import unset
 
-    opts = {name: None for name, _, _ in _DEPLOYMENT_PARAMS}
+    opts = unset()
     path = adapter_dir(tmp_path)
     opts.update(model="org/m", instances=2, lora_module=[f"support={path}"], max_lora_rank=8, max_loras=2,
                 enable_lora=False, enable_request_affinity=False, enforce_eager=False, allow_runtime_lora_updating=True)

@@ -25,6 +25,8 @@ def readme_table() -> dict[str, str]:
         first = line.split("|")[1]
         for option in re.findall(r"`([^`]+)`", first):
             for word in re.split(r"[ ,/]+", option):
+                if word == "--":  # `-- VLLM_ARGS...`: the arguments after --, not an option
+                    break
                 if word.startswith("-") or word == option:  # `MODEL` (a metavar alone), not `--env KEY=VALUE`
                     rows[word.split("=")[0]] = line
     return rows
