@@ -1,7 +1,26 @@
-"""The `vfgen` command line: options only; every command calls into the core modules.
+"""The `vfgen` command line: options and help only; every command calls into vfgen.commands.
 
-Domain errors (VfgenError) become one red `Error:` line and exit 1; usage
-errors (unknown option, a number that is not a number) exit 2.
+Domain errors (VfgenError) become one red `Error:` line and exit 1; usage errors (an unknown
+option, a number that is not a number, a value outside an option's choices) exit 2, and
+`vfgen health check` exits 3 (UNKNOWN) for both.
+
+The shape, compared with fastapi-cli (fastapi/fastapi-cli, src/fastapi_cli/cli.py), a
+well-kept typer CLI: the same split (cli.py holds options and help, the work lives in other
+modules; a domain exception becomes one red error line and exit 1, typer's usage errors
+exit 2) and the same declarations (`Annotated[type, typer.Option(...)]` parameters). Where
+it differs, and why: fastapi-cli's `dev` and `run` spell their six options out twice, inline,
+which is cheap for two commands whose options exist only on the command line. vfgen's
+deployment options are ~60, shared by seven commands (render, plan, health check, rollout,
+apply, lora load/unload), and each one is also a key of the deployment file, with an error
+label config must use and a README row. Spelled out per command they were four hand-synced
+tables. So they are declared once, as data, in vfgen/options.py, and `deployment_command`
+builds each command's signature from that table: `inspect.Signature` of `Annotated[...,
+typer.Option(...)]` parameters, which typer reads through `inspect.signature` exactly as it
+reads a hand-written function. That is typer's documented API (Annotated options, Literal
+choices, rich_help_panel), nothing of its internals; typer is pinned to its 0.29 series
+(pyproject.toml) because its 0.x minors change the usage-error texts. Help stays plain text
+(fastapi-cli uses rich): `_PanelCommand`, given through typer's `cls=` hook, prints the
+rich_help_panel groups with click's own formatter.
 """
 
 from __future__ import annotations
@@ -14,11 +33,6 @@ from typing import Annotated, Any, List, Literal, Optional
 
 import typer
 from typer.core import TyperCommand
-
-try:  # typer >= 0.25 vendors its own click; its usage errors are not click's
-    from typer._click.exceptions import UsageError
-except ImportError:  # pragma: no cover - older typer on real click
-    from click.exceptions import UsageError
 
 from vfgen import __version__, options
 from vfgen.errors import VfgenError
@@ -93,8 +107,11 @@ class _CheckCommand(_PanelCommand):
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         try:
             return super().parse_args(ctx, args)
-        except UsageError as exc:
-            exc.exit_code = UNKNOWN
+        except Exception as exc:
+            # Usage errors are the exceptions with click's usage exit code 2 (typer does not
+            # export their class; it moved when typer vendored click).
+            if getattr(exc, "exit_code", None) == 2:
+                exc.exit_code = UNKNOWN
             raise
 
 

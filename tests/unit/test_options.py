@@ -8,6 +8,7 @@ typer builds, errors from real command lines, config's own defaults, the README 
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,20 @@ def test_help_groups_the_options_by_panel(path: tuple[str, ...]) -> None:
         assert where == [o.panel], f"{o.long} listed under {where}, not {o.panel}"
     assert re.search(r"^  -e, --env KEY=VALUE ", sections["Instances"], re.M)
     assert re.search(r"^  --backend <systemd\|supervisord>", sections["Deployment"], re.M)
+
+
+def test_max_batch_size_reaches_max_conns_and_max_num_seqs(tmp_path: Path) -> None:
+    """One value from the flag to nginx's per-server cap and vLLM's --max-num-seqs, nowhere else."""
+    result = run("render", "org/m", "-n", "3", "--max-batch-size", "7", "--output-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    nginx = (tmp_path / "etc/nginx/conf.d/vllm.conf").read_text()
+    upstream = re.search(r"^upstream vllm-m \{\n(.*?)^\}", nginx, re.M | re.S).group(1)
+    servers = re.findall(r"^\s*server \S+ (.*);$", upstream, re.M)
+    primary = [opts for opts in servers if "backup" not in opts]
+    assert len(primary) == 3 and all(re.search(r"\bmax_conns=7\b", o) for o in primary), servers
+    assert "max_conns=32" not in nginx
+    units = sorted((tmp_path / "etc/systemd/system").glob("vllm-m-*.service"))
+    assert len(units) == 3
+    for unit in units:
+        argv = shlex.split(re.search(r"^ExecStart=(.*)$", unit.read_text(), re.M).group(1))
+        assert argv.count("--max-num-seqs") == 1 and argv[argv.index("--max-num-seqs") + 1] == "7", argv
