@@ -255,11 +255,12 @@ def render(deployment, emit, output_dir, dry_run, only, prune) -> None:
 def plan(
     deployment,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    only: str = typer.Option("all", help="all, or backends: a GPU host's plan, which does not read the API key file (as render --only backends)."),
 ) -> None:
     """Show placement (instance, GPU, port, memory share, start order) and, for local model dirs, the memory estimate."""
     from vfgen import commands
 
-    commands.show_plan(deployment, as_json=as_json, out=sys.stdout)
+    commands.show_plan(deployment, as_json=as_json, out=sys.stdout, only=only)
 
 
 @health_app.command("check", cls=_CheckCommand)

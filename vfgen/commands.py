@@ -14,15 +14,16 @@ from typing import TextIO
 from vfgen.config import Deployment
 from vfgen.errors import OutputError
 from vfgen.options import ONLY as ONLY_CHOICES
-from vfgen.plan import Plan, build_plan
-from vfgen.render import Artefact, render_all
+from vfgen.plan import DISPATCHER_KINDS, OutputFile, Plan, build_plan, with_nginx
+from vfgen.render import Artefact, render_file
 from vfgen.tables import table_lines
 
-DISPATCHER_KINDS = ("nginx", "nginx-exporter")  # what a load-balancer host installs
 
+def make_plan(d: Deployment, *, nginx: bool = True) -> Plan:
+    """The plan, with GPU memory from nvidia-smi when a model dir is local and no size was given.
 
-def make_plan(d: Deployment) -> Plan:
-    """The plan, with GPU memory from nvidia-smi when a model dir is local and no size was given."""
+    nginx=False plans the backends only (no API key file read); `with_nginx` adds the rest.
+    """
     from vfgen.plan import local_model_dir
 
     gpu_bytes = d.gpu_memory_bytes
@@ -33,31 +34,44 @@ def make_plan(d: Deployment) -> Plan:
     # The deployment's own warnings (which unit a size was read in...) first: they explain a PlanError too.
     for warning in d.warnings:
         sys.stderr.write(f"Warning: {warning}\n")
-    plan = build_plan(d, gpu_bytes)
+    plan = build_plan(d, gpu_bytes, nginx=nginx)
     for warning in plan.warnings[len(d.warnings):]:
         sys.stderr.write(f"Warning: {warning}\n")
     return plan
 
 
-def select_artefacts(plan: Plan, only: str) -> list[Artefact]:
-    """The artefacts of the deployment's backend, narrowed by --only."""
+def _check_only(only: str) -> None:
     if only not in ONLY_CHOICES:
         raise OutputError(f"--only={only!r}: must be one of {', '.join(ONLY_CHOICES)}")
-    backend = plan.deployment.backend
-    kinds = ("nginx", "nginx-exporter", backend, "prometheus", "prometheus-rules")
-    arts = [a for a in render_all(plan, dispatcher=only != "backends") if a.kind in kinds]
+
+
+def selected_files(plan: Plan, only: str) -> list[OutputFile]:
+    """The files of the deployment's backend, narrowed by --only."""
+    _check_only(only)
+    kinds = ("nginx", "nginx-exporter", plan.deployment.backend, "prometheus", "prometheus-rules")
+    files = [f for f in plan.files if f.kind in kinds]
     if only == "backends":
-        arts = [a for a in arts if a.kind not in DISPATCHER_KINDS]
+        files = [f for f in files if f.kind not in DISPATCHER_KINDS]
     elif only == "dispatcher":
-        arts = [a for a in arts if a.kind in DISPATCHER_KINDS]
-        if not arts:
+        files = [f for f in files if f.kind in DISPATCHER_KINDS]
+        if not files:
             raise OutputError("--only=dispatcher: a single instance serves the user port itself; there is no nginx config")
-    return arts
+    return files
 
 
-def find_artefact(plan: Plan, emit: str) -> Artefact:
+def select_artefacts(plan: Plan, only: str) -> list[Artefact]:
+    """The artefacts of --only; the dispatcher part of the plan (API keys included) unless only=backends."""
+    files = selected_files(plan, only)
+    dispatcher = only != "backends"
+    if dispatcher:
+        plan = with_nginx(plan)
+    return [render_file(plan, f, dispatcher=dispatcher) for f in files]
+
+
+def find_artefact(plan: Plan, emit: str) -> OutputFile:
     """--emit NAME: a kind with one file (nginx, supervisord, prometheus), a file name or a path."""
-    every = render_all(plan)
+    every = _unrendered(plan)
+    by_path = {f.path: f for f in plan.files}
     matches = [a for a in every if emit in (a.name, a.path)]
     if len(matches) > 1:
         # nginx's conf.d/<name>.conf and supervisord's conf.d/<name>.conf share a file name.
@@ -79,7 +93,13 @@ def find_artefact(plan: Plan, emit: str) -> Artefact:
         names = ", ".join(sorted({a.kind for a in every} | {a.name if sum(b.name == a.name for b in every) == 1
                                                              else a.path for a in every}))
         raise OutputError(f"--emit={emit!r}: no such artefact (choose from: {names})")
-    return matches[0]
+    return by_path[matches[0].path]
+
+
+def _unrendered(plan: Plan) -> list[Artefact]:
+    """Every file of the plan without its content: matched by name, kind and mode, nothing is
+    rendered (or read) for the files not printed."""
+    return [Artefact(f.kind, f.path, "", f.mode) for f in plan.files]
 
 
 def _only_of_kind(every: list[Artefact], art: Artefact) -> bool:
@@ -91,18 +111,25 @@ def render(d: Deployment, *, emit: str | None, output_dir: Path | None, dry_run:
     from vfgen import manifest
     from vfgen.output import plan_changes, write_tree
 
-    plan = make_plan(d)
     if emit is not None:
         if output_dir is not None or dry_run or prune:
             raise OutputError("--emit prints one file to stdout; it cannot be combined with --output-dir, --dry-run or --prune")
-        art = find_artefact(plan, emit)
-        if only != "all" and art.path not in {a.path for a in select_artefacts(plan, only)}:
-            raise OutputError(f"--emit={emit!r}: {art.path} is not among the files of --only={only}")
+        # The dispatcher part (and the API key file) only when a dispatcher file is printed:
+        # a GPU host prints its units without the key file.
+        plan = make_plan(d, nginx=False)
+        f = find_artefact(plan, emit)
+        if only != "all" and f.path not in {s.path for s in selected_files(plan, only)}:
+            raise OutputError(f"--emit={emit!r}: {f.path} is not among the files of --only={only}")
+        if f.kind in DISPATCHER_KINDS:
+            plan = with_nginx(plan)
+        art = render_file(plan, f)
         out.write(art.content)
-        for secret in (s for s in render_all(plan) if s.secret and s.kind == art.kind and not art.secret):
+        for secret in (s for s in _unrendered(plan) if s.secret and s.kind == art.kind and not art.secret):
             sys.stderr.write(f"Note: {art.name} includes /{secret.path}, a separate artefact with the API keys: "
                              f"install it with mode 0600 (`--emit {secret.name}`).\n")
         return
+    _check_only(only)
+    plan = make_plan(d, nginx=only != "backends")
     arts = select_artefacts(plan, only)
     if prune and output_dir is None and not dry_run:
         raise OutputError("--prune removes stale files under --output-dir; give --output-dir (or --dry-run)")
@@ -230,8 +257,10 @@ def plan_json(plan: Plan) -> dict:
     }
 
 
-def show_plan(d: Deployment, *, as_json: bool, out: TextIO) -> None:
-    plan = make_plan(d)
+def show_plan(d: Deployment, *, as_json: bool, out: TextIO, only: str = "all") -> None:
+    """The plan; with the dispatcher's part (which reads the API key file, as render does) unless only=backends."""
+    _check_only(only)
+    plan = make_plan(d, nginx=only != "backends")
     if as_json:
         out.write(json.dumps(plan_json(plan), indent=2) + "\n")
     else:
@@ -259,7 +288,7 @@ def health_check(d: Deployment | None, *, urls: list[str], expected_model: str |
     elif d is None:
         raise OutputError("give a deployment (MODEL or -f FILE, as for render) or --url URL")
     else:
-        targets = health_targets(build_plan(d))
+        targets = health_targets(build_plan(d, nginx=False))
     return health.check(targets, timeout=timeout, as_json=as_json)
 
 
@@ -267,7 +296,7 @@ def rollout(d: Deployment, *, timeout: float | None, supervisorctl: str | None, 
             output_dir: Path | None = None, nginx: str | None = None, drain: bool = True) -> int:
     from vfgen import rollout as roll
 
-    plan = build_plan(d)
+    plan = build_plan(d, nginx=False)  # a GPU host restarts its instances without the API key file
     steps = [
         roll.RolloutStep(name=i.unit if d.backend == "systemd" else i.name, url=i.url, expected_model=i.served_name)
         for i in sorted(plan.instances, key=lambda i: (i.start_order, i.name))
@@ -289,12 +318,13 @@ def _drain_hooks(d: Deployment, plan: Plan, root: Path, nginx: str | None) -> di
     from vfgen import manifest
 
     old = manifest.read(root, d.name)
-    arts = select_artefacts(plan, "all")
-    nginx_art = next((a for a in arts if a.kind == "nginx" and not a.secret), None)
-    if not plan.dispatcher or old is None or nginx_art is None or nginx_art.path not in old.files:
+    conf = next((f for f in plan.files if f.role == "nginx"), None)
+    if old is None or conf is None or conf.path not in old.files:
         sys.stderr.write(f"Note: no drain: no nginx config of {d.name} in the manifest under {root}; a stopping "
                          "instance finishes its in-flight requests (--shutdown-timeout) and nginx retries new ones elsewhere.\n")
         return {}
+    plan = with_nginx(plan)
+    arts = select_artefacts(plan, "all")
     commands = ap_mod.Commands(systemctl=["systemctl"], supervisorctl=["supervisorctl"],
                                nginx=shlex.split(nginx) if nginx else ["nginx"])
     executor = ap_mod.Executor(root, plan, arts, old, commands, sys.stderr)

@@ -1,6 +1,7 @@
-"""Compute every port, GPU placement, memory share, start order and command line as plain data.
+"""Compute every port, GPU placement, memory share, start order, command line, file and nginx answer as plain data.
 
-The renderer only formats a Plan; all arithmetic lives here.
+The renderer only formats a Plan: every decision, number and file read lives here
+(the API key file is read when the dispatcher is planned, see `with_nginx`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vfgen import jsonpcre, quoting
-from vfgen.config import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, Alerts, Deployment, ModelSpec, nginx_size_bytes
+from vfgen.config import (DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, Alerts, Deployment, ModelSpec, nginx_size_bytes,
+                          read_api_keys)
 from vfgen.errors import ConfigError, PlanError
 
 
@@ -54,6 +56,10 @@ class Instance:
     lock_timeout: int  # seconds it may wait for its lock(s) (and, under supervisord, its predecessor)
     health_timeout: int  # ExecStartPost's health wait: the lock wait plus the start
     unit_start_timeout: int  # systemd TimeoutStartSec: both waits plus a margin to start it
+    exec_start: tuple[str, ...] = ()  # systemd ExecStart: the launcher (systemd orders, and sets the env)
+    exec_start_post: tuple[str, ...] = ()  # systemd ExecStartPost: the health wait that gates "active"
+    supervisor_command: tuple[str, ...] = ()  # supervisord: the launcher, with --after, --env and --env-file
+    log_file: str = ""  # supervisord's stdout_logfile
 
     @property
     def unit(self) -> str:
@@ -131,6 +137,8 @@ class Exporter:
     scrape_uri: str  # -nginx.scrape-uri
     listen: str  # -web.listen-address
     target: str  # host:port Prometheus scrapes
+    # No const labels: the targets file gives the deployment label (a scraped one would clash with it).
+    argv: tuple[str, ...] = ()  # its ExecStart
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,9 @@ class Monitoring:
     exporter: Exporter | None  # None without a dispatcher or without nginx_exporter
     access_log_path: str | None  # None: nginx.conf's access log (the `default` format)
     log_format: str  # nginx log_format name of the JSON log
+    targets: tuple[dict, ...] = ()  # file_sd groups of the vLLM instances
+    dispatcher_target: dict | None = None  # the exporter's group, on the dispatcher host only
+    rules: tuple[dict, ...] = ()  # alert rules: alert, expr, for, severity, summary, description
 
 
 @dataclass(frozen=True)
@@ -234,9 +245,56 @@ class Plan:
     # body to a temp file, where $request_body cannot see it (seen with nginx 1.22).
     body_buffer_bytes: int = 0
     instance_urls: tuple[str, ...] = ()  # every backend as nginx reaches it, for answers that point to them
+    files: tuple["OutputFile", ...] = ()  # every file the plan renders, in a stable order
+    # The dispatcher's conf as data; None for a single instance, or until `with_nginx`
+    # (build_plan(nginx=False): a GPU host, which has no API key file).
+    nginx: "Nginx | None" = None
+    lock_runtime_dir: str | None = None  # systemd RuntimeDirectory= of the lock dir (under /run), else ReadWritePaths=
+    supervisor_user: str | None = None  # supervisord's user= (None: root, supervisord's own user)
 
     def instances_of(self, model: str) -> tuple[Instance, ...]:
         return tuple(i for i in self.instances if i.model == model)
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One file the plan renders: what it is, where it goes (relative to the output root), its mode."""
+
+    kind: str  # nginx | nginx-exporter | systemd | supervisord | prometheus | prometheus-rules
+    role: str  # which render function writes it: nginx, api-keys, nginx-exporter, unit, target, supervisord, ...
+    path: str
+    mode: int = 0o644  # 0600: the API keys map
+    instance: str | None = None  # the instance of a unit
+
+
+DISPATCHER_KINDS = ("nginx", "nginx-exporter")  # what a load-balancer host installs
+
+
+def _in_nginx_dir(d: Deployment, path: str) -> str:
+    """A path under nginx_dir, relative to the output root."""
+    return f"{d.nginx_dir.rstrip('/')}/{path}".lstrip("/")
+
+
+def _api_keys_path(d: Deployment) -> str:
+    """The keys map on the dispatcher host (the conf includes it by its absolute path)."""
+    return _in_nginx_dir(d, f"vfgen/{d.name}-api-keys.map")
+
+
+def _files(d: Deployment, instances: list[Instance], target: str, mon: "Monitoring", single: bool) -> tuple[OutputFile, ...]:
+    out = []
+    if not single:
+        out.append(OutputFile("nginx", "nginx", _in_nginx_dir(d, f"conf.d/{d.name}.conf")))
+        if d.api_key_file:
+            # Mode 0600: included by the world-readable conf, which never holds a key.
+            out.append(OutputFile("nginx", "api-keys", _api_keys_path(d), mode=0o600))
+        if mon.exporter is not None:
+            out.append(OutputFile("nginx-exporter", "nginx-exporter", f"etc/systemd/system/{mon.exporter.unit}"))
+    out += [OutputFile("systemd", "unit", f"etc/systemd/system/{i.unit}", instance=i.name) for i in instances]
+    out.append(OutputFile("systemd", "target", f"etc/systemd/system/{target}"))
+    out.append(OutputFile("supervisord", "supervisord", f"etc/supervisor/conf.d/{d.name}.conf"))
+    out.append(OutputFile("prometheus", "prometheus", mon.targets_path))
+    out.append(OutputFile("prometheus-rules", "prometheus-rules", mon.rules_path))
+    return tuple(out)
 
 
 def local_model_dir(source: str) -> Path | None:
@@ -244,8 +302,12 @@ def local_model_dir(source: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
-    """`gpu_bytes` (memory of each GPU) enables the checks against local model configs."""
+def build_plan(d: Deployment, gpu_bytes: int | None = None, *, nginx: bool = True) -> Plan:
+    """`gpu_bytes` (memory of each GPU) enables the checks against local model configs.
+
+    nginx=False leaves the dispatcher's part out (Plan.nginx stays None), so the API key
+    file is not read: a GPU host plans and renders its backends without it.
+    """
     placements = _place(d)
     shares = _memory_shares(d, placements)
     memory, warnings = _memory_fits(d, placements, shares, gpu_bytes or d.gpu_memory_bytes)
@@ -290,6 +352,10 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
             health_timeout=lock_timeout + d.timeouts.start,
             unit_start_timeout=lock_timeout + d.timeouts.start + UNIT_START_MARGIN_S,
         )
+        inst = replace(inst, log_file=f"{d.log_dir}/{inst.name}.log", exec_start=launch_argv(d, inst, supervisord=False),
+                       exec_start_post=(d.vfgen_bin, "health", "wait", inst.url, "--model", inst.served_name,
+                                        "--timeout", str(inst.health_timeout)),
+                       supervisor_command=launch_argv(d, inst, supervisord=True))
         instances.append(inst)
         for g in gpus:
             last_on_gpu[g] = inst
@@ -303,7 +369,8 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
     route_by_model = len(d.models) > 1
     routing = _model_routing(d, pools, capture_prefix) if route_by_model else None
     _refuse_upstream_clashes(d, pools, routing)
-    return Plan(
+    monitoring = _monitoring(d, single, ports, instances)
+    plan = Plan(
         deployment=d,
         instances=tuple(instances),
         pools=pools,
@@ -315,14 +382,37 @@ def build_plan(d: Deployment, gpu_bytes: int | None = None) -> Plan:
         nginx_prefix=prefix,
         capture_prefix=capture_prefix,
         stop_timeout=d.timeouts.shutdown + 15,
-        monitoring=_monitoring(d, single, ports),
+        monitoring=monitoring,
         memory=memory,
         warnings=warnings,
         served_models=_served_models(d, pools),
         routing=routing,
         body_buffer_bytes=CHUNK_FRAMING_FACTOR * nginx_size_bytes(d.max_body_size) + CHUNK_FRAMING_SLACK,
         instance_urls=tuple(f"http://{server}" for pool in pools for server in pool.servers),
+        files=_files(d, instances, f"{d.name}.target", monitoring, single),
+        lock_runtime_dir=d.lock_dir[len("/run/"):] if d.lock_dir.startswith("/run/") else None,
+        supervisor_user=None if d.user == "root" else d.user,
     )
+    return with_nginx(plan) if nginx else plan
+
+
+def launch_argv(d: Deployment, inst: Instance, *, supervisord: bool) -> tuple[str, ...]:
+    """The launcher's command line. Under supervisord it also orders the start (--after)
+    and sets the environment, which systemd does itself (After=, Environment=)."""
+    argv = [d.vfgen_bin, "launch"]
+    for lock in inst.locks:
+        argv += ["--lock", lock]
+    if supervisord:
+        for url in inst.after_urls:
+            argv += ["--after", url]
+    argv += ["--health-url", inst.url, "--served-model-name", inst.served_name, "--start-timeout", str(inst.start_timeout),
+             "--lock-timeout", str(inst.lock_timeout)]
+    if supervisord:
+        for key, value in inst.env:
+            argv += ["--env", f"{key}={value}"]
+        if inst.env_file:
+            argv += ["--env-file", inst.env_file]
+    return (*argv, "--", *inst.vllm_argv)
 
 
 # Endpoints vLLM 0.32 serves about one instance (its /openapi.json is saved in
@@ -420,7 +510,7 @@ def _model_routing(d: Deployment, pools: tuple[Pool, ...], capture_prefix: str) 
     )
 
 
-def _monitoring(d: Deployment, single: bool, ports: list[int]) -> Monitoring:
+def _monitoring(d: Deployment, single: bool, ports: list[int], instances: list[Instance]) -> Monitoring:
     exporter = None
     if d.nginx_exporter and not single:
         # Loopback only, whatever `listen` is: Prometheus runs on the host it watches, and
@@ -440,6 +530,8 @@ def _monitoring(d: Deployment, single: bool, ports: list[int]) -> Monitoring:
             listen=f"127.0.0.1:{port}",
             target=f"127.0.0.1:{port}",
         )
+        exporter = replace(exporter, argv=(NGINX_EXPORTER_BIN, f"-nginx.scrape-uri={exporter.scrape_uri}",
+                                           f"-web.listen-address={exporter.listen}"))
     return Monitoring(
         alerts=d.alerts,
         rules_path=f"etc/prometheus/rules/{d.name}.yml",
@@ -448,6 +540,12 @@ def _monitoring(d: Deployment, single: bool, ports: list[int]) -> Monitoring:
         exporter=exporter,
         access_log_path=(d.access_log_path or f"/var/log/nginx/{d.name}.access.json") if d.access_log == "json" else None,
         log_format="vfgen_" + d.name.replace("-", "_") + "_json",
+        targets=_targets(d, instances),
+        dispatcher_target=None if exporter is None else {
+            "targets": [exporter.target],
+            "labels": {"deployment": d.name, "component": "dispatcher", "instance_name": f"{d.name}-dispatcher"},
+        },
+        rules=_rules(d, d.alerts, exporter),
     )
 
 
@@ -710,3 +808,425 @@ def _gpu_usage(placements, shares, instances) -> tuple[GpuUsage, ...]:
         )
         for g, rows in sorted(per.items(), key=lambda kv: int(kv[0]))
     )
+
+
+# --- the nginx dispatcher ----------------------------------------------------------
+# Everything render writes into the dispatcher conf, as plain data: names, answers,
+# maps, routes. The API key file is read here (config validates it), and only when
+# the dispatcher is planned: a GPU host renders its units without it.
+
+# Free-text fields cut out of the affinity shape; one map strips one
+# occurrence, and three maps cover typical requests (text + labels, a prompt).
+SHAPE_FIELDS = ("text", "input", "prompt", "content", "query")
+SHAPE_PASSES = 3
+# Prefix and session keys: one regex on the body per request, the first that matches
+# wins. A slice is a bounded, possessive repeat of one character class ([^"]): PCRE does
+# not unroll it (any bound up to 65535 compiles) and nothing backtracks into it. It ends
+# at the JSON string's end or at its first escaped quote, so every turn of a conversation
+# gives the same key. `content` may be a string or a list of {"type":"text","text":...}.
+_CONTENT = r'"content"\s*:\s*(?:\[\s*\{[^{}]*?"text"\s*:\s*)?"'
+_SLICE = r'([^"]{0,<N>}+)'
+KEY_REGEXES = (
+    # A system (or developer) prompt, then the first user message: conversations that share
+    # one system prompt still differ. Found when "role" is written before "content", as SDKs do.
+    # The rest of the system string is skipped by possessive runs (a lazy .*? would step
+    # byte by byte: measured 2x the CPU); the user message must follow it directly.
+    (r'~(?s)"messages"\s*:\s*\[\s*\{\s*"role"\s*:\s*"(?:system|developer)"\s*,\s*' + _CONTENT + _SLICE
+     + r'(?:(?:(?<=\\).)?(?:[^"\\]++|\\.)*+"(?:\s*\}\s*\])?\s*\}\s*,\s*\{\s*"role"\s*:\s*"user"\s*,\s*'
+     + _CONTENT + _SLICE + ")?", "$1|$2"),
+    # Any other first message (the user's own, or another key order).
+    (r'~(?s)"messages"\s*:\s*\[\s*\{[^{}]*?' + _CONTENT + _SLICE, "$1"),
+    (r'~(?s)"prompt"\s*:\s*(?:\[\s*)?"' + _SLICE, "$1"),
+    (r'~(?s)"prompt"\s*:\s*\[\s*([0-9][0-9,\s]{0,<N>}+)', "$1"),  # token ids
+)
+# The OpenAI `user` field (session routing).
+FIELD_REGEX = r'~(?s)"<FIELD>"\s*:\s*"([^"]{1,<N>}+)'
+# Whole-string UTF-8 validity (RFC 3629, no surrogates or overlongs), byte by byte: nginx's
+# escape=json passes bytes >= 0x80 through unchanged, so a client value logged as it came
+# could make the line invalid UTF-8.
+VALID_UTF8_REGEX = (
+    r"~^(?:[\x00-\x7f]|[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]{2}"
+    r"|\xed[\x80-\x9f][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}|\xf4[\x80-\x8f][\x80-\xbf]{2})*$"
+)
+# A placeholder number in JSON that quoting.nginx_json replaces by the request-time variable.
+CREATED = -1796
+
+Parts = tuple[tuple[str, str], ...]  # quoting.nginx_vars parts: ("text", "a|"), ("var", "name"), ("capture", "1")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A JSON answer nginx gives itself: status code and body (render writes it with nginx_json)."""
+
+    code: int
+    body: dict
+
+
+@dataclass(frozen=True)
+class ShapeMap:
+    """One pass that cuts a free-text value out of the body: `target` = `source` without it."""
+
+    source: str  # nginx variable name
+    target: str
+    regex: str
+    replacement: Parts
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """A map that builds part of a prefix/session key; `entries` are (regex or "", value) pairs."""
+
+    comment: str
+    source: str  # nginx variable name
+    target: str
+    default: Parts
+    entries: tuple[tuple[str, Parts], ...]
+
+
+@dataclass(frozen=True)
+class Nginx:
+    """The dispatcher conf (and its API keys map) as plain data."""
+
+    listen: str  # the `listen` address:port ([v6]:port)
+    health_upstream: str  # every backend once, for /health, /ping and /version
+    error_upstreams: tuple[str, ...]  # upstreams of the error routes (one `down` server each)
+    default_route: str | None  # one model: the upstream every request goes to first
+    answers: dict[str, Answer]  # nginx's own JSON answers, by what they answer
+    fallback_answers: tuple[tuple[str, Answer], ...]  # (error route upstream, its answer) in @fallback
+    plain_errors: tuple[Answer, ...]  # error_page of every location, one named location each
+    per_instance: tuple[tuple[str, Answer], ...]  # vLLM paths about one instance: a 404 naming each
+    stateful: Answer  # /v1/responses/{id}: lives in one unknown instance
+    any_backend_paths: tuple[str, ...]
+    models_list: dict | None  # /v1/models (several models); `created` is CREATED
+    model_cards: tuple[tuple[str, dict], ...]  # (regex on $uri, card) of /v1/models/{id}
+    json_numbers: dict[int, str]  # placeholder number -> nginx variable holding it per request
+    shape_maps: tuple[ShapeMap, ...]
+    key_maps: tuple[KeyMap, ...]
+    hash_keys: dict[str, Parts]  # pool model -> its hash upstream's key
+    lora: bool  # some pool serves LoRA: refuse the runtime load/unload endpoints
+    last_resort_after_overflow: bool  # some affinity route falls back twice
+    log_fields: tuple[tuple[str, str], ...]  # JSON access log: (key, nginx variable name)
+    valid_utf8: str
+    api_keys_path: str | None  # absolute path of the keys map (None: no api_key_file)
+    api_keys: tuple[str, ...] = ()  # read from api_key_file, validated by config
+
+
+def with_nginx(plan: "Plan") -> "Plan":
+    """The plan with its dispatcher part: the only step that reads the API key file."""
+    if not plan.dispatcher or plan.nginx is not None:
+        return plan
+    return replace(plan, nginx=_nginx(plan))
+
+
+def _listen(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _nginx(plan: "Plan") -> Nginx:
+    d = plan.deployment
+    routing = plan.routing
+    answers = _answers(plan)
+    return Nginx(
+        listen=_listen(d.listen, d.port),
+        health_upstream=f"{d.name}-health",
+        error_upstreams=tuple(up for up, _ in routing.errors) if routing else (),
+        default_route=None if routing else (plan.pools[0].affinity_upstream or plan.pools[0].upstream),
+        answers=answers,
+        fallback_answers=tuple((up, answers[kind]) for up, kind in routing.errors) if routing else (),
+        plain_errors=_plain_errors(d, answers),
+        per_instance=tuple(
+            (path, _error(404, "NotFoundError", f"{path} {why}; the dispatcher has no single answer. Ask each vLLM instance: "
+                          + ", ".join(url + path for url in plan.instance_urls)
+                          + (" (nginx's own counters: /nginx_status, from localhost)" if path == "/metrics" else "") + "."))
+            for path, why in PER_INSTANCE_PATHS
+        ),
+        stateful=_error(404, "NotFoundError", "Stored responses live in the one vLLM instance that created them, and this request "
+                        f"does not say which; the dispatcher cannot route it. Instances: {', '.join(plan.instance_urls)}."),
+        any_backend_paths=ANY_BACKEND_PATHS,
+        # `created` is the time of the request, as vLLM answers it: the rendered file stays
+        # the same on every render, and the number moves like an instance's.
+        models_list={"object": "list", "data": [_model_card(m) for m in plan.served_models]} if plan.route_by_model else None,
+        model_cards=tuple((f"~^/v1/models/{quoting.pcre_literal(m.id)}$", _model_card(m)) for m in plan.served_models)
+        if plan.route_by_model else (),
+        json_numbers={CREATED: f"{plan.nginx_prefix}_now"},
+        shape_maps=_shape_maps(plan),
+        key_maps=_key_maps(plan),
+        hash_keys=_hash_keys(plan),
+        lora=any(pool.lora for pool in plan.pools),
+        last_resort_after_overflow=any(pool.affinity_upstream and pool.last_resort_upstream for pool in plan.pools),
+        log_fields=_log_fields(plan),
+        valid_utf8=VALID_UTF8_REGEX,
+        api_keys_path="/" + _api_keys_path(d) if d.api_key_file else None,
+        api_keys=read_api_keys(d) if d.api_key_file else (),
+    )
+
+
+def _error(code: int, kind: str, message: str, param: str | None = None) -> Answer:
+    return Answer(code, {"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+def _answers(plan: "Plan") -> dict[str, Answer]:
+    d = plan.deployment
+    names = ", ".join(n for pool in plan.pools for n in pool.route_names)
+    return {
+        "unknown_model": _error(404, "NotFoundError", f"The requested model is not served here. Served models: {names}.", "model"),
+        "missing_model": _error(404, "NotFoundError", f'The request names no "model" and this endpoint serves several models: {names}.', "model"),
+        "unreadable": _error(400, "BadRequestError", 'The request body could not be inspected for its top-level "model": it is empty, '
+                             "not one JSON object, nested too deeply, or too large to inspect.", "model"),
+        "ambiguous": _error(400, "BadRequestError", 'The top-level "model" must be one JSON string, given once; this body repeats '
+                            "it, gives it another type, or is not valid JSON after it.", "model"),
+        "unavailable": _error(503, "ServiceUnavailableError", "No backend can take this request right now (all busy or down). Retry later."),
+        "unhealthy": Answer(503, {"status": "unhealthy", "detail": "no backend answers /health"}),
+        "timeout": _error(504, "GatewayTimeoutError", "The backend did not answer in time."),
+        "e405": _error(405, "MethodNotAllowedError", "Method not allowed."),
+        "unauthorized": _error(401, "AuthenticationError", "Missing or invalid API key. Send it as the header `Authorization: Bearer <key>`."),
+        "rate_limited": _error(429, "RateLimitError", "Too many requests from this client. Retry later."),
+        "lora_runtime": _error(403, "PermissionDeniedError", (
+            "Loading or unloading LoRA adapters through the dispatcher is refused: the call would reach one "
+            "instance only, and the instances would then disagree. Declare adapters in lora_modules and re-render"
+            + (", or run `vfgen lora load` / `vfgen lora unload` on the host, which changes every instance."
+               if d.allow_runtime_lora_updating else "."))),
+        "no_such_model": _error(404, "NotFoundError", f"The model does not exist. Served models: {names}.", "model"),
+    }
+
+
+def _plain_errors(d: Deployment, answers: dict[str, Answer]) -> tuple[Answer, ...]:
+    return (
+        _error(400, "BadRequestError", "Malformed request."),
+        _error(403, "PermissionDeniedError", "Forbidden."),
+        answers["e405"],
+        _error(408, "RequestTimeoutError", "The request was not received in time."),
+        _error(413, "RequestTooLargeError", f"The request body is larger than the limit of {d.max_body_size}."),
+        _error(414, "BadRequestError", "The request URI is too long."),
+        _error(500, "InternalServerError", "Internal error in the dispatcher."),
+    )
+
+
+def _model_card(m: ServedModel) -> dict:
+    card = {"id": m.id, "object": "model", "created": CREATED, "owned_by": "vllm", "root": m.root, "parent": m.parent}
+    if m.max_model_len is not None:
+        card["max_model_len"] = m.max_model_len
+    card["permission"] = []
+    return card
+
+
+def _shape_maps(plan: "Plan") -> tuple[ShapeMap, ...]:
+    if not any(pool.hash_key and pool.hash_key.routing == "shape" for pool in plan.pools):
+        return ()
+    p = plan.nginx_prefix
+    maps = []
+    source = "request_body"
+    fields = "|".join(SHAPE_FIELDS)
+    for n in range(1, SHAPE_PASSES + 1):
+        target = f"{p}_shape" if n == SHAPE_PASSES else f"{p}_shape{n}"
+        a, b = f"{plan.capture_prefix}_s{n}a", f"{plan.capture_prefix}_s{n}b"
+        maps.append(ShapeMap(source, target, rf'~(?s)^(?<{a}>.*)"(?:{fields})"\s*:\s*"(?:[^"\\]|\\.)*"(?<{b}>.*)$',
+                             (("var", a), ("var", b))))
+        source = target
+    return tuple(maps)
+
+
+def _key_prefix(plan: "Plan", pool: Pool) -> str:
+    return f"{plan.nginx_prefix}_{pool.model.replace('-', '_')}"
+
+
+def _prefix_key(plan: "Plan", pool: Pool) -> Parts:
+    """The prefix key's parts: the model (literal, or the request's with LoRA), then the prefix."""
+    key, k = pool.hash_key, _key_prefix(plan, pool)
+    model: Parts = (("text", f"{key.model}|"),)
+    if key.by_request_model:
+        model = (("var", f"{plan.nginx_prefix}_model" if plan.route_by_model else f"{k}_model"), ("text", "|"))
+    return (*model, ("var", f"{k}_prefix"))
+
+
+def _key_maps(plan: "Plan") -> tuple[KeyMap, ...]:
+    """nginx maps that build each prefix/session key."""
+    maps: list[KeyMap] = []
+    for pool in plan.pools:
+        key = pool.hash_key
+        if key is None or key.routing == "shape":
+            continue
+        k = _key_prefix(plan, pool)
+        n = str(key.prefix_bytes)
+        maps.append(KeyMap(f"{pool.model}: the first {n} bytes of the first message (or prompt) and of the first user message",
+                           "request_body", f"{k}_prefix", (),
+                           tuple((regex.replace("<N>", n), _captures(value)) for regex, value in KEY_REGEXES)))
+        if key.by_request_model and not plan.route_by_model:
+            maps.append(KeyMap(f'{pool.model}: the "model" field (base model or LoRA adapter: caches differ)',
+                               "request_body", f"{k}_model", (),
+                               ((FIELD_REGEX.replace("<N>", "256").replace("<FIELD>", "model"), (("capture", "1"),)),)))
+        if key.routing == "prefix":
+            continue
+        field = f"{k}_{key.session_field}_field"
+        maps.append(KeyMap(f'{pool.model}: the "{key.session_field}" field', "request_body", field, (),
+                           ((FIELD_REGEX.replace("<N>", n).replace("<FIELD>", quoting.pcre_literal(key.session_field)),
+                             (("capture", "1"),)),)))
+        by_field = f"{k}_session" if key.session_header is None else f"{k}_by_field"
+        maps.append(KeyMap(f'{pool.model}: session by the "{key.session_field}" field, else by prefix', field, by_field,
+                           (("text", "u:"), ("var", field)), (("", (("text", "p:"), *_prefix_key(plan, pool))),)))
+        if key.session_header is not None:
+            maps.append(KeyMap(f"{pool.model}: session by header, else by field", key.session_header, f"{k}_session",
+                               (("text", "h:"), ("var", key.session_header)), (("", (("var", by_field),)),)))
+    return tuple(maps)
+
+
+def _hash_keys(plan: "Plan") -> dict[str, Parts]:
+    """Each hash upstream's key, as nginx_vars parts."""
+    keys: dict[str, Parts] = {}
+    for pool in plan.pools:
+        if pool.hash_key is None:
+            continue
+        if pool.hash_key.routing == "shape":
+            keys[pool.model] = (("var", f"{plan.nginx_prefix}_shape"),)
+        elif pool.hash_key.routing == "prefix":
+            keys[pool.model] = _prefix_key(plan, pool)
+        else:
+            keys[pool.model] = (("var", f"{_key_prefix(plan, pool)}_session"),)
+    return keys
+
+
+def _captures(value: str) -> Parts:
+    """"$1|$2" as nginx_vars parts."""
+    parts: list[tuple[str, str]] = []
+    for i, piece in enumerate(value.split("|")):
+        parts += [("text", "|")] * bool(i) + [("capture", piece.lstrip("$"))]
+    return tuple(parts)
+
+
+# The JSON access log: one object per request. Values nginx takes from the client are
+# carried only through `valid UTF-8` maps (see the template), so escape=json output is
+# always valid JSON in UTF-8.
+def _log_fields(plan: "Plan") -> tuple[tuple[str, str], ...]:
+    p = plan.nginx_prefix
+    fields = [
+        ("time", "time_iso8601"),
+        ("request_id", "request_id"),
+        ("remote_addr", "remote_addr"),
+        ("method", "request_method"),
+        ("uri", f"{p}_log_uri"),
+        ("user_agent", f"{p}_log_user_agent"),
+        ("route", f"{p}_route"),
+    ]
+    if plan.route_by_model:
+        fields.append(("model", f"{p}_log_model"))
+    fields += [
+        ("status", "status"),
+        ("bytes_sent", "bytes_sent"),
+        ("body_bytes_sent", "body_bytes_sent"),
+        ("request_length", "request_length"),
+        ("request_time", "request_time"),
+        # Every backend tried, in order ("a, b" after a retry), with each one's status and time.
+        ("upstream_addr", "upstream_addr"),
+        ("upstream_status", "upstream_status"),
+        ("upstream_connect_time", "upstream_connect_time"),
+        ("upstream_response_time", "upstream_response_time"),
+    ]
+    return tuple(fields)
+
+
+# --- Prometheus --------------------------------------------------------------------
+
+# Debian's prometheus-nginx-exporter package installs it here.
+NGINX_EXPORTER_BIN = "/usr/bin/prometheus-nginx-exporter"
+
+
+def _targets(d: Deployment, instances: list[Instance]) -> tuple[dict, ...]:
+    """file_sd groups of the vLLM instances (the dispatcher's exporter is Monitoring.dispatcher_target)."""
+    return tuple(
+        {
+            "targets": [inst.url.split("://", 1)[1]],
+            "labels": {"deployment": d.name, "component": "vllm", "model": inst.served_name,
+                       "instance_name": inst.name, "gpu": ",".join(inst.gpus)},
+        }
+        for inst in instances
+    )
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _rules(d: Deployment, a: Alerts, exporter: Exporter | None) -> tuple[dict, ...]:
+    """The alert rules, each a dict of the rule file's fields (`for` None: fire at once)."""
+    deployment = quoting.promql_str(d.name)
+    vllm = f"deployment={deployment}, component=\"vllm\""
+    nginx = f"deployment={deployment}, component=\"dispatcher\""
+    unit = "{{ $labels.instance_name }}.service"
+    rules = [
+        {
+            "alert": "VfgenInstanceDown",
+            "expr": f"up{{{vllm}}} == 0",
+            "for": a.instance_down_for,
+            "severity": "warning",
+            "summary": "vLLM instance {{ $labels.instance_name }} (model {{ $labels.model }}, GPU {{ $labels.gpu }}) is down",
+            "description": (
+                "Prometheus cannot read {{ $labels.instance }}/metrics; nginx sends its requests to the other "
+                f"instances. Look at: systemctl status {unit}; journalctl -u {unit} (supervisord: "
+                "supervisorctl status {{ $labels.deployment }}:{{ $labels.instance_name }} and its log)."
+            ),
+        },
+        {
+            "alert": "VfgenModelDown",
+            # One alert per instance, only while no instance of the same model is up.
+            "expr": f"(up{{{vllm}}} == 0) unless on (deployment, model) (up{{{vllm}}} == 1)",
+            "for": a.model_down_for,
+            "severity": "critical",
+            "summary": "every instance of model {{ $labels.model }} is down",
+            "description": (
+                "Clients asking for {{ $labels.model }} get 503. Look at: systemctl status "
+                "{{ $labels.deployment }}.target and the journal of each instance (journalctl -u "
+                f"{unit}); a GPU fault or a bad model upgrade takes all instances at once."
+            ),
+        },
+        {
+            "alert": "VfgenQueueLong",
+            "expr": f"vllm:num_requests_waiting{{{vllm}}} > {a.queue_waiting}",
+            "for": a.queue_for,
+            "severity": "warning",
+            "summary": "requests wait in the queue of {{ $labels.instance_name }} (model {{ $labels.model }})",
+            "description": (
+                f"vLLM's scheduler queue has held more than {a.queue_waiting} waiting request(s) for {a.queue_for} "
+                "({{ $value }} now): the model gets more traffic than its instances serve. Look at: "
+                "vllm:num_requests_running and vllm:e2e_request_latency_seconds of the model's instances; "
+                "add instances, or raise max_batch_size if the KV cache has room."
+            ),
+        },
+        {
+            "alert": "VfgenKvCacheHigh",
+            "expr": f"vllm:kv_cache_usage_perc{{{vllm}}} > {_number(a.kv_cache_usage)}",
+            "for": a.kv_cache_for,
+            "severity": "warning",
+            "summary": "KV cache of {{ $labels.instance_name }} (model {{ $labels.model }}) is {{ $value | humanizePercentage }} full",
+            "description": (
+                f"The KV cache has stayed above {_number(a.kv_cache_usage)} for {a.kv_cache_for}: vLLM preempts "
+                "and recomputes requests. Look at: rate(vllm:num_preemptions_total[5m]); lower max_batch_size "
+                "or max_model_len, or give the instance a larger gpu_memory_utilization share."
+            ),
+        },
+        {
+            "alert": "VfgenInstanceRestarting",
+            "expr": f"changes(process_start_time_seconds{{{vllm}}}[{a.restarts_window}]) >= {a.restarts}",
+            "for": None,
+            "severity": "warning",
+            "summary": "vLLM instance {{ $labels.instance_name }} (model {{ $labels.model }}) restarted {{ $value }} times in "
+                       + a.restarts_window,
+            "description": (
+                f"It is crash-looping. Look at: journalctl -u {unit} for the exit reason (out of memory, CUDA "
+                f"error, a failed health wait) and systemctl show -p NRestarts {unit}."
+            ),
+        },
+    ]
+    if exporter is not None:
+        rules.append({
+            "alert": "VfgenDispatcherDown",
+            # nginx_up is 0 when the exporter cannot read stub_status; up is 0 when the exporter itself is gone.
+            "expr": f"(nginx_up{{{nginx}}} == 0) or (up{{{nginx}}} == 0)",
+            "for": a.dispatcher_down_for,
+            "severity": "critical",
+            "summary": "the nginx dispatcher of deployment {{ $labels.deployment }} is down",
+            "description": (
+                "No client request reaches any model. Look at: systemctl status nginx; nginx -t; the nginx error "
+                f"log; systemctl status {exporter.unit} (the exporter that reads its /nginx_status)."
+            ),
+        })
+    return tuple(rules)

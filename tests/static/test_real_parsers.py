@@ -149,7 +149,6 @@ def test_supervisord_parser_reads_back_every_argv(name: str, tmp_path: Path) -> 
         missing("the supervisor Python package", "pip install supervisor (the test extra)")
 
     from vfgen.plan import build_plan
-    from vfgen.render import launch_argv
 
     args = scenario_args(name)
     if "--backend" not in args:
@@ -172,7 +171,7 @@ def test_supervisord_parser_reads_back_every_argv(name: str, tmp_path: Path) -> 
     plan = build_plan(load_deployment(opts_dict))
     assert sorted(programs) == sorted(i.name for i in plan.instances)
     for inst in plan.instances:
-        assert shlex.split(programs[inst.name].command) == launch_argv(plan, inst, supervisord=True)
+        assert shlex.split(programs[inst.name].command) == list(inst.supervisor_command)
 
 
 def _cli_opts(args: list[str], extra: list[str]) -> dict:
