@@ -41,10 +41,10 @@ class Artefact:
 
 
 def templates_dir() -> Path:
-    packaged = Path(__file__).parent / "templates"
+    packaged = Path(__file__).parent.joinpath("templates")
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parent.parent / "templates"
+    return Path(__file__).resolve().parent.parent.joinpath("templates")
 
 
 class UnquotedValue(RenderError):

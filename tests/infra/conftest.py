@@ -77,7 +77,8 @@ def _load(host, path: str) -> Deployment:
         pytest.fail(f"{path}: not a vfgen deployment file")
     name = str(raw.get("name", "vllm"))
     vfgen_bin = str(raw.get("vfgen_bin", "vfgen"))
-    result = host.run(f"{shlex.quote(vfgen_bin)} plan -f {shlex.quote(path)} --json")
+    # --only backends: the same JSON, without reading the API key file, which a GPU host does not have.
+    result = host.run(f"{shlex.quote(vfgen_bin)} plan -f {shlex.quote(path)} --json --only backends")
     if result.rc != 0:
         pytest.fail(f"{vfgen_bin} plan -f {path} failed (exit {result.rc}): {result.stderr.strip()}")
     return Deployment(

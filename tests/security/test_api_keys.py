@@ -143,3 +143,43 @@ def test_the_keys_map_path_follows_nginx_dir(tmp_path: Path) -> None:
     arts = {a.path: a for a in render_all(build_plan(d))}
     assert "usr/local/nginx/vfgen/vllm-api-keys.map" in arts and "usr/local/nginx/conf.d/vllm.conf" in arts
     assert 'include "/usr/local/nginx/vfgen/vllm-api-keys.map";' in arts["usr/local/nginx/conf.d/vllm.conf"].content
+
+
+# --- plan and render read the file alike; a GPU host needs none ---------------------------------
+
+
+@pytest.mark.parametrize(("text", "mode", "reason"), [
+    (None, 0o600, "cannot read: No such file or directory"),
+    ("short\n", 0o600, "line 1: a key must be 16 to 512 characters long (it has 5)"),
+    (GOOD + "\n", 0o644, "is accessible to every user (mode 0644); chmod 600 it"),
+])
+def test_plan_and_render_refuse_a_bad_key_file_with_the_same_error(tmp_path: Path, text, mode: int, reason: str) -> None:
+    """`vfgen plan` reads the key file where `vfgen render` does (the dispatcher's part of the plan)."""
+    path = tmp_path / "keys" if text is None else keys_file(tmp_path, text, mode)
+    deployment = ["org/m", "-n", "2", "--api-key-file", str(path)]
+    expected = f"Error: --api-key-file={str(path)!r}: {reason}\n"
+    for argv in (["plan", *deployment], ["plan", *deployment, "--json"], ["render", *deployment, "--output-dir", str(tmp_path / "out")],
+                 ["render", *deployment, "--emit", "nginx"], ["render", *deployment, "--only", "dispatcher"]):
+        result = CliRunner().invoke(app, argv)
+        assert (result.exit_code, result.stderr) == (1, expected), f"{argv[0]} {argv[-2:]}: {result.stderr}"
+        assert result.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gpu_host_plans_and_renders_its_units_without_the_key_file(tmp_path: Path) -> None:
+    """The key file lives on the load balancer: units, the supervisord conf and a backends-only plan need none."""
+    missing = ["org/m", "-n", "2", "--api-key-file", str(tmp_path / "absent")]
+    for argv in (["plan", *missing, "--only", "backends", "--json"], ["render", *missing, "--emit", "vllm-m-0.service"],
+                 ["render", *missing, "--emit", "supervisord"], ["render", *missing, "--emit", "prometheus-rules"],
+                 ["render", *missing, "--only", "backends"]):
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 0, f"{argv}: {result.stderr}"
+    unit = CliRunner().invoke(app, ["render", *missing, "--emit", "vllm-m-0.service"]).stdout
+    assert unit.startswith("# Rendered by vfgen") and "ExecStart=" in unit
+    d = config.parse_deployment({"api_key_file": str(tmp_path / "absent"), "models": [{"model": "org/m", "instances": 2}]})
+    plan = build_plan(d, nginx=False)
+    assert plan.nginx is None and plan.dispatcher
+    kinds = {a.kind for a in render_all(plan, dispatcher=False)}
+    assert kinds == {"systemd", "supervisord", "prometheus", "prometheus-rules"}
+    with pytest.raises(ConfigError, match="cannot read"):
+        build_plan(d)
