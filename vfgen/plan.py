@@ -77,7 +77,7 @@ class Adapter:
 
 @dataclass(frozen=True)
 class HashKey:
-    """The recipe of the key a pool's hash upstream picks a backend by (render writes it as nginx maps).
+    """The recipe of the key a pool's hash upstream picks a backend by (`_key_maps` makes its nginx maps).
 
     shape: the body with its free-text fields cut out. prefix: the model, then
     the first `prefix_bytes` of the conversation's first message (or prompt) and

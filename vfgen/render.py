@@ -6,7 +6,7 @@ so a missing value is an error rather than an empty string, and with a
 finalize that lets only a `quoting.Quoted` (made by a quoting filter) or an
 int reach the output: a template that interpolates a plain string fails to
 render, naming its file and line. Every number, path, name, answer and map
-comes from the Plan (vfgen/plan.py); render reads no file.
+comes from the Plan (vfgen/plan.py); render reads no file but its templates.
 """
 
 from __future__ import annotations
