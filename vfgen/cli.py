@@ -255,7 +255,7 @@ def render(deployment, emit, output_dir, dry_run, only, prune) -> None:
 def plan(
     deployment,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    only: str = typer.Option("all", help="all, backends or dispatcher, as for render: backends (a GPU host) does not read the API key file."),
+    only=None,
 ) -> None:
     """Show placement (instance, GPU, port, memory share, start order) and, for local model dirs, the memory estimate."""
     from vfgen import commands

@@ -251,7 +251,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("prune", "Delete `stale` files: written there by vfgen before (see its manifest), no longer rendered, "
            "unchanged since.", "Output", type=bool, commands=("render",)),
     Option("only", "backends: the instances' units only; dispatcher: nginx only (e.g. on a load-balancer host). "
-           "With --emit, the file must be one of those.", "Output", choices=ONLY, default="all", commands=("render",)),
+           "With --emit, the file must be one of those. `vfgen plan --only backends` (a GPU host) does not read "
+           "the API key file.", "Output", choices=ONLY, default="all", commands=("render", "plan")),
 )
 
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
