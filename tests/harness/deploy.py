@@ -161,7 +161,15 @@ class LiveDeployment:
             for i in self.plan["instances"]
         )
         self.ports_used |= {b.port for b in self.backends}
-        self.nginx_conf_d = self.out / "etc/nginx/conf.d" / f"{self.name}.conf"
+        rendered_nginx = self.out / "etc/nginx"
+        nginx_dir = self.spec.get("nginx_dir") if isinstance(self.spec, Mapping) else None
+        if nginx_dir:
+            # The conf includes the API keys map by its absolute path under nginx_dir (a
+            # directory of the test's own): make that path the rendered tree.
+            rendered_nginx = self.out / str(nginx_dir).lstrip("/")
+            if not os.path.lexists(nginx_dir):
+                Path(nginx_dir).symlink_to(rendered_nginx, target_is_directory=True)
+        self.nginx_conf_d = rendered_nginx / "conf.d" / f"{self.name}.conf"
         self.supervisord_conf_d = self.out / "etc/supervisor/conf.d" / f"{self.name}.conf"
         assert self.nginx_conf_d.is_file() and self.supervisord_conf_d.is_file(), sorted(self.out.rglob("*"))
 

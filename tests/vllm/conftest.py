@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -262,6 +263,9 @@ _START_FAILURE = re.compile(r"unrecognized arguments|error: argument|before beco
 
 # The tiny LoRA adapter every Llama instance of the deployment serves (issue 19).
 LORA_NAME = "tiny-lora"
+# The deployment's only API key (api_key_file): every request through its nginx carries it.
+API_KEY = "sk-vfgen-real-tier-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def build_tiny_lora(vllm_venv: Path, llama: Path, out: Path, seed: int = 0) -> Path:
@@ -273,10 +277,22 @@ def build_tiny_lora(vllm_venv: Path, llama: Path, out: Path, seed: int = 0) -> P
     return out
 
 
-def cpu_deployment_spec(llama: Path, bert: Path, cache_dir: Path, lora: Path | None = None) -> dict:
+def write_api_key_file(root: Path) -> tuple[Path, Path]:
+    """(api_key_file holding API_KEY, mode 0600; nginx_dir, where the rendered keys map is included from)."""
+    keys = root / "api-keys"
+    keys.write_text(API_KEY + "\n")
+    keys.chmod(0o600)
+    return keys, root / "nginx"
+
+
+def cpu_deployment_spec(llama: Path, bert: Path, cache_dir: Path, lora: Path | None = None,
+                        api_keys: tuple[Path, Path] | None = None) -> dict:
     """examples/cpu-tiny.yaml with the tiny models; the rest (flags, pinning, KV cache) as shipped.
-    With `lora`, the Llama instances also serve that adapter as LORA_NAME and allow runtime loads."""
+    With `lora`, the Llama instances also serve that adapter as LORA_NAME and allow runtime loads;
+    with `api_keys` (write_api_key_file), nginx answers 401 to every request without API_KEY."""
     spec = yaml.safe_load(EXAMPLE.read_text())
+    if api_keys is not None:
+        spec["api_key_file"], spec["nginx_dir"] = str(api_keys[0]), str(api_keys[1])
     models = {m["name"]: m for m in spec["models"]}
     models["llama"]["model"] = str(llama)
     models["bert"]["model"] = str(bert)
@@ -292,6 +308,42 @@ def cpu_deployment_spec(llama: Path, bert: Path, cache_dir: Path, lora: Path | N
         model["env"] = {**model.get("env", {}), "VLLM_CACHE_ROOT": str(cache_dir), "DO_NOT_TRACK": "1",
                         "PYTHONUNBUFFERED": "1"}
     return spec
+
+
+class SecondDispatcher(LiveDeployment):
+    """Another nginx, rendered by `vfgen render` from the running deployment's file with `changes`
+    (e.g. max_queue), in front of that deployment's own instances: a dispatcher shape of its own
+    without starting vLLM again. Its supervisord file is rendered and never run."""
+
+    def __init__(self, root: Path, procs: ProcessGroup, of: LiveDeployment, **changes) -> None:
+        super().__init__(root, procs, {**of.spec, **changes}, vllm_bin=of.vllm_bin)
+        self.of = of
+
+    def _overrides(self) -> list[str]:
+        args = super()._overrides()
+        args[args.index("--port-start") + 1] = str(self.of.port + 1)  # the running instances' ports
+        return args
+
+    def start(self, timeout: float = 60.0, check: Callable[[], None] | None = None,
+              wait: bool = True) -> SecondDispatcher:
+        self.port = free_port()
+        self.render()
+        assert [(b.program, b.port) for b in self.backends] == [(b.program, b.port) for b in self.of.backends]
+        self.http.headers.update(self.of.http.headers)
+        self._start_nginx()
+        self.wait_healthy(timeout=timeout, check=check)
+        return self
+
+    def stop(self) -> None:
+        """Stop this nginx only: the instances belong to `of`."""
+        try:
+            if self.nginx_proc is not None:
+                self.procs.stop(self.nginx_proc, timeout=10)
+        finally:
+            self.http.close()
+            for handle in self._files:
+                handle.close()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def instance_log(deployment: LiveDeployment, program: str) -> Path:
@@ -327,12 +379,14 @@ def fail_on_start_error(deployment: LiveDeployment) -> Callable[[], None]:
 def cpu_deployment(vllm_venv: Path, vllm_bin: Path, tiny_llama: Path, tiny_bert: Path,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDeployment]:
     """examples/cpu-tiny.yaml rendered by `vfgen render`, running real vLLM under nginx + supervisord;
-    the Llama instances also serve a tiny LoRA adapter built for this run."""
+    the Llama instances also serve a tiny LoRA adapter built for this run, and nginx lets only
+    requests with API_KEY through (send AUTH; `deployment.http` does)."""
     root = tmp_path_factory.mktemp("cpu-deployment")
     group = ProcessGroup()
     lora = build_tiny_lora(vllm_venv, tiny_llama, root / "adapters" / LORA_NAME)
-    deployment = LiveDeployment(root, group, cpu_deployment_spec(tiny_llama, tiny_bert, root / "vllm-cache", lora),
-                                vllm_bin=str(vllm_bin))
+    spec = cpu_deployment_spec(tiny_llama, tiny_bert, root / "vllm-cache", lora, write_api_key_file(root))
+    deployment = LiveDeployment(root, group, spec, vllm_bin=str(vllm_bin))
+    deployment.http.headers.update(AUTH)  # the instances, which have no key, ignore it
     try:
         began = time.monotonic()
         try:

@@ -14,6 +14,7 @@ graceful stop come last, and the stop leaves its instance stopped.
 from __future__ import annotations
 
 import configparser
+import itertools
 import json
 import math
 import os
@@ -23,8 +24,10 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -34,10 +37,21 @@ from tests.harness.deploy import (
     LiveDeployment,
     assert_json_error,
     process_alive,
+    wait_until,
 )
 from tests.harness.load import LoadResult, run_load, start_load
 from tests.harness.openai_surface import check_every_path, vllm_paths
-from tests.vllm.conftest import LORA_NAME, build_tiny_lora, fail_on_start_error, instance_log, log_tail, record
+from tests.vllm.conftest import (
+    API_KEY,
+    AUTH,
+    LORA_NAME,
+    SecondDispatcher,
+    build_tiny_lora,
+    fail_on_start_error,
+    instance_log,
+    log_tail,
+    record,
+)
 from vfgen import procfs
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -126,7 +140,7 @@ def llamas(deployment: LiveDeployment) -> list[Backend]:
 
 
 def post(deployment: LiveDeployment, path: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{deployment.url}{path}", json=body, timeout=REQUEST_TIMEOUT, trust_env=False)
+    return httpx.post(f"{deployment.url}{path}", json=body, headers=AUTH, timeout=REQUEST_TIMEOUT, trust_env=False)
 
 
 def completion(max_tokens: int = 8) -> dict:
@@ -161,7 +175,8 @@ class Stream:
 
     def _run(self) -> None:
         try:
-            with httpx.stream("POST", self.url, json=self.body, timeout=REQUEST_TIMEOUT, trust_env=False) as response:
+            with httpx.stream("POST", self.url, json=self.body, headers=AUTH, timeout=REQUEST_TIMEOUT,
+                              trust_env=False) as response:
                 self.status = response.status_code
                 self.content_type = response.headers.get("content-type", "")
                 for line in response.iter_lines():
@@ -253,7 +268,7 @@ def _card(entry: dict) -> tuple:
 
 
 def test_models_lists_both_models_and_the_adapter_like_an_instance(cpu_deployment: LiveDeployment):
-    response = httpx.get(f"{cpu_deployment.url}/v1/models", timeout=REQUEST_TIMEOUT, trust_env=False)
+    response = httpx.get(f"{cpu_deployment.url}/v1/models", headers=AUTH, timeout=REQUEST_TIMEOUT, trust_env=False)
     assert response.status_code == 200
     body = response.json()
     assert body["object"] == "list"
@@ -361,7 +376,7 @@ def test_unknown_model_is_404_json(cpu_deployment: LiveDeployment, path: str, ex
 def _greedy(url: str, model: str) -> httpx.Response:
     return httpx.post(f"{url}/v1/completions", json={
         "model": model, "prompt": "hello world", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
-    }, timeout=REQUEST_TIMEOUT, trust_env=False)
+    }, headers=AUTH, timeout=REQUEST_TIMEOUT, trust_env=False)
 
 
 def test_adapter_completion_through_nginx_differs_from_the_base_model(cpu_deployment: LiveDeployment):
@@ -441,13 +456,21 @@ def test_every_vllm_path_through_the_dispatcher(cpu_deployment: LiveDeployment):
     assert not problems, "\n".join(problems)
 
 
-def test_openai_sdk_end_to_end(cpu_deployment: LiveDeployment):
-    """The official SDK against real vLLM through nginx; 401 and the 503 retries are in tests/live."""
+def sdk_client(d: LiveDeployment, key: str = API_KEY, retries: int = 0, **transport):
+    """The official SDK on d's nginx; `transport`: httpx2.HTTPTransport options."""
     import httpx2
     import openai
 
-    sdk = openai.OpenAI(base_url=f"{cpu_deployment.url}/v1", api_key="none", max_retries=0,
-                        http_client=httpx2.Client(trust_env=False, timeout=REQUEST_TIMEOUT))
+    return openai.OpenAI(base_url=f"{d.url}/v1", api_key=key, max_retries=retries, http_client=httpx2.Client(
+        trust_env=False, timeout=REQUEST_TIMEOUT, transport=httpx2.HTTPTransport(trust_env=False, **transport)))
+
+
+def test_openai_sdk_end_to_end(cpu_deployment: LiveDeployment):
+    """The official SDK with the deployment's key against real vLLM through nginx."""
+    import openai
+
+    sdk = sdk_client(cpu_deployment)
+    asked = time.time()
     models = {m.id: m for m in sdk.models.list()}
     assert models[CHAT].model_extra["max_model_len"] == 512 and models[EMBED].model_extra["max_model_len"] == 256
     direct = {m["id"]: m for b in cpu_deployment.backends
@@ -455,7 +478,14 @@ def test_openai_sdk_end_to_end(cpu_deployment: LiveDeployment):
     for name in (CHAT, EMBED):  # what the instance itself says
         assert models[name].model_extra["max_model_len"] == direct[name]["max_model_len"]
         assert (models[name].owned_by, models[name].root) == (direct[name]["owned_by"], direct[name]["root"])
+        # `created`: the request time, from nginx as from vLLM (both whole seconds since the epoch).
+        assert int(asked) <= models[name].created <= direct[name]["created"] <= time.time() + 1, (models[name], direct[name])
         assert sdk.models.retrieve(name).id == name
+    # vLLM 0.32 itself has no /v1/models/{id}: FastAPI's bare 404, so nginx answers it.
+    for backend in cpu_deployment.backends:
+        own = httpx.get(f"{backend.url}/v1/models/{backend.served_name}", timeout=REQUEST_TIMEOUT, trust_env=False)
+        assert (own.status_code, own.json()) == (404, {"detail": "Not Found"}), (backend.program, own.text)
+    record(f"GET /v1/models/{CHAT} on an instance itself: 404 {own.text}")
     chat = sdk.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                        extra_body={"ignore_eos": True})
     assert chat.model == CHAT and chat.usage.completion_tokens == 4
@@ -477,6 +507,215 @@ def test_openai_sdk_end_to_end(cpu_deployment: LiveDeployment):
     assert failures["body over limit"].value.status_code == 413
     for case, info in failures.items():
         record(f"openai SDK, {case}: {type(info.value).__name__} {info.value.status_code}: {info.value}")
+
+
+def tagged(d: LiveDeployment, tag: str, done=lambda seen: True) -> list[tuple[float, int, str]]:
+    """(time, status, upstream) of each request nginx logged with `tag` in its URI.
+
+    nginx logs a request after answering it, so the client may be done first:
+    wait (bounded) until done(statuses) holds; the caller asserts on what was found.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        found = [(float(m.group(1)), int(m.group(2)), m.group(3)) for m in re.finditer(
+            r'^(\d+\.\d+) (\d+) "[A-Z]+ [^"]*' + re.escape(tag) + r'[^"]*" upstream="([^"]*)"',
+            d.nginx_access_log(), re.MULTILINE)]
+        if done([status for _, status, _ in found]) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def instance_logs_with(d: LiveDeployment, tag: str) -> list[str]:
+    """The instances whose own access log (uvicorn's, with the query string) has `tag`."""
+    return [b.program for b in d.backends if tag in instance_log(d, b.program).read_text(errors="replace")]
+
+
+def test_openai_sdk_without_or_with_a_wrong_key_is_authentication_error_and_never_reaches_vllm(
+        cpu_deployment: LiveDeployment, monkeypatch: pytest.MonkeyPatch):
+    import openai
+
+    d = cpu_deployment
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    # Without a key the SDK builds no client; openai.omit makes it send a request without one.
+    with pytest.raises(openai.OpenAIError) as unbuilt:
+        openai.OpenAI(base_url=f"{d.url}/v1")
+    record(f"openai SDK without api_key: {type(unbuilt.value).__name__} when building the client: {unbuilt.value}")
+    clients = {"no Authorization header": (sdk_client(d), {"Authorization": openai.omit}),
+               "wrong key": (sdk_client(d, "sk-wrong-0123456789abcdef"), {})}
+    calls = {
+        "models.list": lambda sdk, h, q: sdk.models.list(extra_headers=h, extra_query=q),
+        "models.retrieve": lambda sdk, h, q: sdk.models.retrieve(CHAT, extra_headers=h, extra_query=q),
+        "completions": lambda sdk, h, q: sdk.completions.create(
+            model=CHAT, prompt="hello", max_tokens=2, extra_headers=h, extra_query=q),
+        "chat, streamed": lambda sdk, h, q: sdk.chat.completions.create(
+            model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True,
+            extra_headers=h, extra_query=q),
+        "embeddings": lambda sdk, h, q: sdk.embeddings.create(model=EMBED, input="a", extra_headers=h, extra_query=q),
+    }
+    def served() -> float:
+        return sum(metric(b, "vllm:request_success_total") for b in d.backends)
+
+    before = served()
+    refused = []
+    for case, (sdk, headers) in clients.items():
+        for call, send in calls.items():
+            tag = f"probe-{uuid.uuid4().hex}"
+            with pytest.raises(openai.AuthenticationError) as info:
+                send(sdk, headers, {"probe": tag})
+            error = info.value
+            assert error.status_code == 401 and error.response.headers["www-authenticate"] == "Bearer", error
+            assert "Missing or invalid API key" in error.message, error.message
+            refused.append(tag)
+            record(f"openai SDK, {case}, {call}: {type(error).__name__} {error.status_code}: {error}")
+    # nginx answered every one itself (no upstream), and no instance saw any of them.
+    for tag in refused:
+        assert [(status, upstream) for _, status, upstream in tagged(d, tag, bool)] == [(401, "-")], tag
+        assert not instance_logs_with(d, tag), tag
+    assert served() == before
+    # The same calls with the key reach vLLM: the two checks above would have seen them.
+    sdk = sdk_client(d)
+    for call, send in calls.items():
+        tag = f"probe-{uuid.uuid4().hex}"
+        reply = send(sdk, {}, {"probe": tag})
+        if call == "chat, streamed":
+            assert list(reply)
+        assert tagged(d, tag, lambda seen: bool(seen))[0][1] == 200, call
+        if call.startswith("models"):
+            assert tagged(d, tag)[0][2] == "-"  # nginx's own list and cards
+        else:
+            assert wait_until(lambda tag=tag: instance_logs_with(d, tag), timeout=10, what=f"{call} in an instance log")
+    assert served() == before + 3
+
+
+# --- overload: a bounded queue answers 503 + Retry-After, the SDK retries --------------------
+
+OVERFLOW = 1  # max_queue of the bounded dispatcher: one request per instance beyond its cap
+HOLD_TOKENS = 480
+HOLD_CHOICES = 2
+# The holders' streams are left unread: each keeps its connection through nginx, and so its
+# slot, until the test reads or closes it. With the 20 top logprobs of every token a stream
+# carries about 1 MB, far more than the socket buffers between vLLM and the holder
+# (SO_RCVBUF 8 KiB here) hold, so vLLM cannot finish sending it.
+HOLDER_RCVBUF = 8192
+
+
+@pytest.fixture(scope="module")
+def bounded(cpu_deployment: LiveDeployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecondDispatcher]:
+    """A second nginx, rendered with max_queue 1, in front of the deployment's own instances."""
+    second = SecondDispatcher(tmp_path_factory.mktemp("bounded-queue"), cpu_deployment.procs, cpu_deployment,
+                              max_queue=OVERFLOW)
+    try:
+        yield second.start()
+    finally:
+        second.stop()
+
+
+def slots(d: LiveDeployment, served_name: str) -> int:
+    """Requests nginx lets through to a model at once: per server its cap plus the bounded overflow."""
+    pool = next(p for p in d.plan["pools"] if served_name in p["served_names"])
+    return len(pool["servers"]) * (pool["cap"] + pool["overflow_cap"])
+
+
+def hold_every_slot(d: LiveDeployment) -> list:
+    """Concurrent SDK chat streams that fill every slot of the chat model; returned unread."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    sdk = sdk_client(d, socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, HOLDER_RCVBUF)])
+    count = slots(d, CHAT)
+
+    def one(_index: int):
+        return sdk.chat.completions.create(
+            model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=HOLD_TOKENS, n=HOLD_CHOICES,
+            logprobs=True, top_logprobs=20, stream=True, extra_body={"ignore_eos": True})
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))  # each returned after its 200: it holds its slot
+
+
+def drain(holders: list) -> list[dict[int, int]]:
+    """Read every holder to its end, in parallel; tokens per choice of each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(stream) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        with stream:
+            for chunk in stream:
+                for choice in chunk.choices:
+                    counts[choice.index] = counts.get(choice.index, 0) + len(choice.logprobs.content or [])
+        return counts
+
+    with ThreadPoolExecutor(len(holders)) as pool:
+        return list(pool.map(read, holders))
+
+
+def assert_retried_after_retry_after(attempts: list[tuple[float, int, str]]) -> list[float]:
+    """The SDK's attempts came at least Retry-After (1 s) apart; the gaps."""
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(attempts)]
+    # nginx's $msec has millisecond resolution; without Retry-After the SDK's first backoff is 0.375-0.5 s.
+    assert gaps and all(gap >= 0.999 for gap in gaps), (attempts, gaps)
+    return gaps
+
+
+def test_overload_503_is_retried_by_the_sdk_after_retry_after_then_served(bounded: SecondDispatcher):
+    import openai
+
+    d = bounded
+    holders = hold_every_slot(d)
+    tag = f"probe-{uuid.uuid4().hex}"
+    outcome: dict = {}
+
+    def ask() -> None:
+        try:
+            outcome["reply"] = sdk_client(d, retries=5).completions.create(
+                model=CHAT, prompt="hello", max_tokens=4, extra_body={"ignore_eos": True}, extra_query={"probe": tag})
+        except openai.OpenAIError as exc:  # asserted below
+            outcome["error"] = exc
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    try:
+        # The overload lasts until nginx refused the SDK twice; then the holders are read to their end.
+        refused = tagged(d, tag, lambda seen: seen.count(503) >= 2)
+    finally:
+        counts = drain(holders)
+        asker.join(REQUEST_TIMEOUT)
+    assert [s for _, s, _ in refused[:2]] == [503, 503], refused
+    assert counts == [{i: HOLD_TOKENS for i in range(HOLD_CHOICES)}] * len(holders), counts
+    assert "error" not in outcome, outcome
+    attempts = tagged(d, tag, lambda seen: 200 in seen)
+    statuses = [s for _, s, _ in attempts]
+    assert statuses[-1] == 200 and set(statuses[:-1]) == {503} and len(statuses) >= 3, attempts
+    assert outcome["reply"].model == CHAT and outcome["reply"].usage.completion_tokens == 4
+    gaps = assert_retried_after_retry_after(attempts)
+    record(f"bounded queue (max_queue {OVERFLOW}), {len(holders)} unread SDK streams holding every slot: the SDK "
+           f"(max_retries 5) got {statuses}, attempts {', '.join(f'{g:.3f}' for g in gaps)} s apart")
+
+
+def test_persistent_overload_raises_the_sdks_internal_server_error(bounded: SecondDispatcher):
+    import openai
+
+    d = bounded
+    holders = hold_every_slot(d)
+    tag = f"probe-{uuid.uuid4().hex}"
+    try:
+        asked = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as info:
+            sdk_client(d, retries=2).completions.create(model=CHAT, prompt="hello", max_tokens=4,
+                                                        extra_query={"probe": tag})
+        waited = time.monotonic() - asked
+    finally:
+        counts = drain(holders)
+    error = info.value
+    assert error.status_code == 503 and error.response.headers["retry-after"] == "1", error
+    assert "No backend can take this request right now" in error.message, error.message
+    attempts = tagged(d, tag, lambda seen: len(seen) >= 3)
+    assert [s for _, s, _ in attempts] == [503, 503, 503], attempts  # the first try and 2 retries
+    gaps = assert_retried_after_retry_after(attempts)
+    # The holders were served in full: the overload refused only the request past the slots.
+    assert counts == [{i: HOLD_TOKENS for i in range(HOLD_CHOICES)}] * len(holders), counts
+    record(f"persistent overload (max_queue {OVERFLOW}), SDK max_retries 2: {type(error).__name__} "
+           f"{error.status_code} after {waited:.2f}s, attempts {', '.join(f'{g:.3f}' for g in gaps)} s apart: {error}")
 
 
 # --- kill -9 of one instance under load ---------------------------------------------------
@@ -513,7 +752,7 @@ def crash(cpu_deployment: LiveDeployment) -> Crash:
     pid = api_server_pid(d, victim)
     family = {p: comm(p) for p in descendants(pid)}
     load = start_load(f"{d.url}/v1/completions", count=KILL_LOAD, concurrency=4,
-                      body=completion(32), deadline=REQUEST_TIMEOUT * 2)
+                      body=completion(32), headers=AUTH, deadline=REQUEST_TIMEOUT * 2)
     load.wait_for_progress(10, timeout=REQUEST_TIMEOUT)
     done_before_kill = load.completed
     access_before = len(d.nginx_access_log())
@@ -551,7 +790,8 @@ def test_kill_9_under_load_fails_no_request_and_the_instance_returns(cpu_deploym
     served = 0.0
     deadline = time.monotonic() + 60
     while served == 0 and time.monotonic() < deadline:
-        batch = run_load(f"{d.url}/v1/completions", count=8, concurrency=4, body=completion(4), deadline=REQUEST_TIMEOUT)
+        batch = run_load(f"{d.url}/v1/completions", count=8, concurrency=4, body=completion(4), headers=AUTH,
+                         deadline=REQUEST_TIMEOUT)
         assert not batch.failed, batch.summary()
         served = metric(crash.victim, "vllm:request_success_total")
     assert served > 0, f"the restarted {crash.victim.program} got no request through nginx in 60 s"
@@ -593,7 +833,7 @@ def test_outage_then_bursts_right_after_recovery_fail_nothing(cpu_deployment: Li
     # The official SDK retries the outage's 503 after its Retry-After (1 s), then raises its own type.
     import openai
 
-    sdk = openai.OpenAI(base_url=f"{d.url}/v1", api_key="none", max_retries=1, timeout=REQUEST_TIMEOUT)
+    sdk = openai.OpenAI(base_url=f"{d.url}/v1", api_key=API_KEY, max_retries=1, timeout=REQUEST_TIMEOUT)
     asked = time.monotonic()
     with pytest.raises(openai.InternalServerError) as outage:
         sdk.completions.create(model=CHAT, prompt="hello world", max_tokens=4)
@@ -607,7 +847,7 @@ def test_outage_then_bursts_right_after_recovery_fail_nothing(cpu_deployment: Li
         first, healthy_at = d.first_healthy(chat, timeout=RESTART_TIMEOUT, check=check)
         began = time.monotonic()
         burst = run_load(f"{d.url}/v1/completions", count=RECOVERY_BURST, concurrency=RECOVERY_BURST,
-                         body=completion(4), deadline=REQUEST_TIMEOUT)
+                         body=completion(4), headers=AUTH, deadline=REQUEST_TIMEOUT)
         record(f"outage of both Llamas, burst of {RECOVERY_BURST} {began - healthy_at:.2f}s after "
                f"{first.program}'s /health 200: {burst.summary()}")
         assert began - healthy_at < 1.0, "the burst began too late to prove anything"
@@ -618,7 +858,7 @@ def test_outage_then_bursts_right_after_recovery_fail_nothing(cpu_deployment: Li
     d.wait_healthy(chat, timeout=RESTART_TIMEOUT, check=check)
     time.sleep(6)  # past fail_timeout (5 s), with no overflow meanwhile: the backups stay as the outage left them
     again = run_load(f"{d.url}/v1/completions", count=RECOVERY_BURST, concurrency=RECOVERY_BURST,
-                     body=completion(4), deadline=REQUEST_TIMEOUT)
+                     body=completion(4), headers=AUTH, deadline=REQUEST_TIMEOUT)
     record(f"both Llamas back, burst of {RECOVERY_BURST} 6 s later: {again.summary()}")
     assert not again.failed, again.summary()
 
@@ -718,7 +958,8 @@ def _stop_during_stream(d: LiveDeployment, ctl: subprocess.Popen, ctl_out: Path,
     ctl.stdin.write(f"stop {program}\n".encode())
     ctl.stdin.flush()
     # New requests meanwhile: the draining instance answers 500, which nginx retries elsewhere.
-    during = run_load(f"{d.url}/v1/completions", count=20, concurrency=2, body=completion(4), deadline=REQUEST_TIMEOUT)
+    during = run_load(f"{d.url}/v1/completions", count=20, concurrency=2, body=completion(4), headers=AUTH,
+                      deadline=REQUEST_TIMEOUT)
     _wait_for_text(ctl_out, re.escape(program) + r": stopped", timeout=shutdown + 30, offset=ctl_offset)
     stopped_after = time.monotonic() - stop_sent
     stream.wait()
