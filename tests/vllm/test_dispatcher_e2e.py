@@ -25,6 +25,7 @@ import subprocess
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -456,13 +457,13 @@ def test_every_vllm_path_through_the_dispatcher(cpu_deployment: LiveDeployment):
     assert not problems, "\n".join(problems)
 
 
-def sdk_client(d: LiveDeployment, key: str = API_KEY, retries: int = 0, **transport):
-    """The official SDK on d's nginx; `transport`: httpx2.HTTPTransport options."""
+def sdk_client(d: LiveDeployment, key: str = API_KEY, retries: int = 0):
+    """The official SDK on d's nginx."""
     import httpx2
     import openai
 
-    return openai.OpenAI(base_url=f"{d.url}/v1", api_key=key, max_retries=retries, http_client=httpx2.Client(
-        trust_env=False, timeout=REQUEST_TIMEOUT, transport=httpx2.HTTPTransport(trust_env=False, **transport)))
+    return openai.OpenAI(base_url=f"{d.url}/v1", api_key=key, max_retries=retries,
+                         http_client=httpx2.Client(trust_env=False, timeout=REQUEST_TIMEOUT))
 
 
 def test_openai_sdk_end_to_end(cpu_deployment: LiveDeployment):
@@ -590,20 +591,14 @@ def test_openai_sdk_without_or_with_a_wrong_key_is_authentication_error_and_neve
 # --- overload: a bounded queue answers 503 + Retry-After, the SDK retries --------------------
 
 OVERFLOW = 1  # max_queue of the bounded dispatcher: one request per instance beyond its cap
-HOLD_TOKENS = 480
-HOLD_CHOICES = 2
-# The holders' streams are left unread: each keeps its connection through nginx, and so its
-# slot, until the test reads or closes it. With the 20 top logprobs of every token a stream
-# carries about 1 MB, far more than the socket buffers between vLLM and the holder
-# (SO_RCVBUF 8 KiB here) hold, so vLLM cannot finish sending it.
-HOLDER_RCVBUF = 8192
+FLOOD_EXTRA = 4  # concurrent SDK calls beyond the slots: each must get the 503
 
 
-@pytest.fixture(scope="module")
-def bounded(cpu_deployment: LiveDeployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecondDispatcher]:
-    """A second nginx, rendered with max_queue 1, in front of the deployment's own instances."""
-    second = SecondDispatcher(tmp_path_factory.mktemp("bounded-queue"), cpu_deployment.procs, cpu_deployment,
-                              max_queue=OVERFLOW)
+@pytest.fixture
+def bounded(cpu_deployment: LiveDeployment, tmp_path: Path) -> Iterator[SecondDispatcher]:
+    """A second nginx, rendered with max_queue 1, in front of the deployment's own instances.
+    Function-scoped: a module-scoped one makes pytest move its tests after the stop test."""
+    second = SecondDispatcher(tmp_path, cpu_deployment.procs, cpu_deployment, max_queue=OVERFLOW)
     try:
         yield second.start()
     finally:
@@ -616,37 +611,73 @@ def slots(d: LiveDeployment, served_name: str) -> int:
     return len(pool["servers"]) * (pool["cap"] + pool["overflow_cap"])
 
 
-def hold_every_slot(d: LiveDeployment) -> list:
-    """Concurrent SDK chat streams that fill every slot of the chat model; returned unread."""
-    import socket
-    from concurrent.futures import ThreadPoolExecutor
+@dataclass
+class Flood:
+    """Concurrent SDK completions through a dispatcher, each in a thread; the outcome of each."""
 
-    sdk = sdk_client(d, socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, HOLDER_RCVBUF)])
-    count = slots(d, CHAT)
+    outcomes: list = field(default_factory=list)  # a Completion or the SDK's exception
+    threads: list[threading.Thread] = field(default_factory=list)
 
-    def one(_index: int):
-        return sdk.chat.completions.create(
-            model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=HOLD_TOKENS, n=HOLD_CHOICES,
-            logprobs=True, top_logprobs=20, stream=True, extra_body={"ignore_eos": True})
+    def refused(self) -> list:
+        return [o for o in self.outcomes if isinstance(o, Exception)]
 
-    with ThreadPoolExecutor(count) as pool:
-        return list(pool.map(one, range(count)))  # each returned after its 200: it holds its slot
+    def wait(self) -> Flood:
+        for thread in self.threads:
+            thread.join(REQUEST_TIMEOUT)
+        assert not any(t.is_alive() for t in self.threads), "a flood request never ended"
+        return self
 
 
-def drain(holders: list) -> list[dict[int, int]]:
-    """Read every holder to its end, in parallel; tokens per choice of each."""
-    from concurrent.futures import ThreadPoolExecutor
+def flood(d: LiveDeployment, count: int) -> Flood:
+    import openai
 
-    def read(stream) -> dict[int, int]:
-        counts: dict[int, int] = {}
-        with stream:
-            for chunk in stream:
-                for choice in chunk.choices:
-                    counts[choice.index] = counts.get(choice.index, 0) + len(choice.logprobs.content or [])
-        return counts
+    sdk = sdk_client(d)  # max_retries 0: every answer is counted as it came
+    result = Flood()
 
-    with ThreadPoolExecutor(len(holders)) as pool:
-        return list(pool.map(read, holders))
+    def one() -> None:
+        try:
+            result.outcomes.append(sdk.completions.create(model=CHAT, prompt="hello", max_tokens=8,
+                                                          extra_body={"ignore_eos": True}))
+        except openai.OpenAIError as exc:
+            result.outcomes.append(exc)
+
+    result.threads = [threading.Thread(target=one) for _ in range(count)]
+    for thread in result.threads:
+        thread.start()
+    return result
+
+
+@contextmanager
+def overloaded(d: SecondDispatcher) -> Iterator[Flood]:
+    """Every slot of the chat model taken by SDK calls that stay in flight until the block ends.
+
+    The tiny model answers a request in milliseconds, far too fast to keep a flood in flight
+    while the SDK retries; so the Llama instances' API servers are paused (SIGSTOP) first.
+    The kernel still accepts nginx's connections and requests for them, which wait as they
+    would behind a busy engine, and are answered after SIGCONT. The flood is FLOOD_EXTRA
+    calls larger than the slots: the overload is complete when those have their 503.
+    """
+    pids = [api_server_pid(d.of, b) for b in llamas(d.of)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        calls = flood(d, slots(d, CHAT) + FLOOD_EXTRA)
+        wait_until(lambda: len(calls.refused()) >= FLOOD_EXTRA, timeout=30, what="the flood's 503s")
+        yield calls
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def assert_flood_bounded(d: SecondDispatcher, calls: Flood) -> None:
+    """Exactly the slots were served, in full; every other call got the SDK's 503."""
+    import openai
+
+    calls.wait()
+    served = [o for o in calls.outcomes if not isinstance(o, Exception)]
+    assert len(served) == slots(d, CHAT) and all(o.usage.completion_tokens == 8 for o in served), calls.outcomes
+    assert len(calls.refused()) == FLOOD_EXTRA, calls.outcomes
+    assert all(isinstance(e, openai.InternalServerError) and e.status_code == 503 for e in calls.refused()), calls.outcomes
 
 
 def assert_retried_after_retry_after(attempts: list[tuple[float, int, str]]) -> list[float]:
@@ -661,7 +692,6 @@ def test_overload_503_is_retried_by_the_sdk_after_retry_after_then_served(bounde
     import openai
 
     d = bounded
-    holders = hold_every_slot(d)
     tag = f"probe-{uuid.uuid4().hex}"
     outcome: dict = {}
 
@@ -673,22 +703,22 @@ def test_overload_503_is_retried_by_the_sdk_after_retry_after_then_served(bounde
             outcome["error"] = exc
 
     asker = threading.Thread(target=ask)
-    asker.start()
-    try:
-        # The overload lasts until nginx refused the SDK twice; then the holders are read to their end.
+    with overloaded(d) as calls:
+        asker.start()
+        # The overload lasts until nginx refused the SDK twice; then the instances go on.
         refused = tagged(d, tag, lambda seen: seen.count(503) >= 2)
-    finally:
-        counts = drain(holders)
-        asker.join(REQUEST_TIMEOUT)
+    asker.join(REQUEST_TIMEOUT)
+    assert_flood_bounded(d, calls)
     assert [s for _, s, _ in refused[:2]] == [503, 503], refused
-    assert counts == [{i: HOLD_TOKENS for i in range(HOLD_CHOICES)}] * len(holders), counts
     assert "error" not in outcome, outcome
     attempts = tagged(d, tag, lambda seen: 200 in seen)
     statuses = [s for _, s, _ in attempts]
     assert statuses[-1] == 200 and set(statuses[:-1]) == {503} and len(statuses) >= 3, attempts
+    assert all(upstream == "cpu-llama" for _, s, upstream in attempts if s == 503), attempts  # no instance tried
     assert outcome["reply"].model == CHAT and outcome["reply"].usage.completion_tokens == 4
     gaps = assert_retried_after_retry_after(attempts)
-    record(f"bounded queue (max_queue {OVERFLOW}), {len(holders)} unread SDK streams holding every slot: the SDK "
+    record(f"bounded queue (max_queue {OVERFLOW}), {len(calls.outcomes)} concurrent SDK calls: "
+           f"{len(calls.outcomes) - len(calls.refused())} served, {len(calls.refused())} refused; the SDK "
            f"(max_retries 5) got {statuses}, attempts {', '.join(f'{g:.3f}' for g in gaps)} s apart")
 
 
@@ -696,26 +726,23 @@ def test_persistent_overload_raises_the_sdks_internal_server_error(bounded: Seco
     import openai
 
     d = bounded
-    holders = hold_every_slot(d)
     tag = f"probe-{uuid.uuid4().hex}"
-    try:
+    with overloaded(d) as calls:
         asked = time.monotonic()
         with pytest.raises(openai.InternalServerError) as info:
             sdk_client(d, retries=2).completions.create(model=CHAT, prompt="hello", max_tokens=4,
                                                         extra_query={"probe": tag})
         waited = time.monotonic() - asked
-    finally:
-        counts = drain(holders)
+    assert_flood_bounded(d, calls)
     error = info.value
     assert error.status_code == 503 and error.response.headers["retry-after"] == "1", error
     assert "No backend can take this request right now" in error.message, error.message
     attempts = tagged(d, tag, lambda seen: len(seen) >= 3)
     assert [s for _, s, _ in attempts] == [503, 503, 503], attempts  # the first try and 2 retries
     gaps = assert_retried_after_retry_after(attempts)
-    # The holders were served in full: the overload refused only the request past the slots.
-    assert counts == [{i: HOLD_TOKENS for i in range(HOLD_CHOICES)}] * len(holders), counts
     record(f"persistent overload (max_queue {OVERFLOW}), SDK max_retries 2: {type(error).__name__} "
-           f"{error.status_code} after {waited:.2f}s, attempts {', '.join(f'{g:.3f}' for g in gaps)} s apart: {error}")
+           f"{error.status_code} after {waited:.2f}s, attempts {', '.join(f'{g:.3f}' for g in gaps)} s apart: {error}; "
+           f"a flood call refused: {type(calls.refused()[0]).__name__}: {calls.refused()[0]}")
 
 
 # --- kill -9 of one instance under load ---------------------------------------------------
