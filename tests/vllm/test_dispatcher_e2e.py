@@ -4,8 +4,9 @@ examples/cpu-tiny.yaml, pointed at the tiny models, is rendered by `vfgen render
 and run under supervisord (every instance through `vfgen launch`) and nginx: two
 tiny Llama instances pinned to cores 0 and 1, one tiny BERT on the pooling
 runner (tests/vllm/conftest.py `cpu_deployment`). Requests go through nginx,
-routed by the JSON "model" field; an instance is looked at directly only for
-what nginx cannot show (its command line, its pinned core, its metrics).
+routed by the JSON "model" field, with the deployment's API key (AUTH); an
+instance is looked at directly only for what nginx cannot show (its command
+line, its pinned core, its metrics, its own access log).
 
 The tests share one deployment and run in file order: the crash and the
 graceful stop come last, and the stop leaves its instance stopped.
