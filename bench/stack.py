@@ -145,7 +145,8 @@ class Stack:
 
     # --- nginx --------------------------------------------------------------------
 
-    def _nginx(self, name: str, workers: str, http_body: str) -> list[subprocess.Popen]:
+    def _nginx(self, name: str, workers: str, http_body: str, main: str = "") -> list[subprocess.Popen]:
+        """One nginx; `main` goes in the main context (e.g. `pcre_jit on;`), `http_body` inside http{}."""
         prefix = self.root / name
         prefix.mkdir(mode=0o755)
         conf = prefix / "nginx.conf"
@@ -156,6 +157,7 @@ class Stack:
             "daemon off;\n"
             f"pid {prefix / 'nginx.pid'};\n"
             f"error_log {prefix / 'error.log'} warn;\n"
+            f"{main}"
             "events { worker_connections 8192; }\n"
             "http {\n"
             "    access_log off;\n"
