@@ -511,8 +511,40 @@ def control_configs(least_conn: str, prefix: str) -> dict[str, str]:
             "least_conn + key map": read_by_least_conn(key_map)}
 
 
-def run_cpu_part(stack: Stack, wrk_bin: str, rounds: int, duration: int, log) -> dict:
-    backends: Backends = stack.fake_backends(cap=32, latency=0.0, jitter=0.0, chunks=1, chunk_interval=0.0)
+def key_regex_alone(bodies: Path, rounds: int = 30) -> dict[str, float]:
+    """µs per body of the key map's regexes in turn (as nginx's map tries them), in libpcre2-8 in process.
+
+    The best of `rounds` passes over the bodies, less a pattern that fails at once (the
+    ctypes call itself), interpreted and JIT-compiled.
+    """
+    from tests.harness import pcre2
+    from vfgen.render import KEY_REGEXES
+
+    subjects = [line.encode() for line in bodies.read_text().splitlines()]
+    out = {}
+    for jit in (False, True):
+        chains = {"key": [pcre2.compile(r.replace("<N>", str(DEFAULT_PREFIX_BYTES)).removeprefix("~"), jit)
+                          for r, _ in KEY_REGEXES],
+                  "call": [pcre2.compile(r"\A\x01", jit)]}
+        best = {k: float("inf") for k in chains}
+        for _ in range(rounds):
+            for name, chain in chains.items():
+                began = time.perf_counter()
+                for subject in subjects:
+                    for pattern in chain:
+                        if pattern.match(subject)[0] != pcre2.ERROR_NOMATCH:
+                            break
+                best[name] = min(best[name], (time.perf_counter() - began) / len(subjects) * 1e6)
+        out["jit" if jit else "interpreted"] = round(best["key"] - best["call"], 2)
+    return out
+
+
+def run_cpu_part(stack: Stack, wrk_bin: str, rounds: int, duration: int, log, static: bool = False) -> dict:
+    # Static nginx backends answer at once and are never the bottleneck; the Python stand-ins are,
+    # so with them a key's uneven spread over backends lowers throughput and raises nginx's
+    # CPU per request (fewer events per wake-up), which static backends leave out.
+    backends: Backends = (stack.static_backends() if static else
+                          stack.fake_backends(cap=32, latency=0.0, jitter=0.0, chunks=1, chunk_interval=0.0))
     bodies = stack.root / "chat-bodies.jsonl"
     chat_bodies(bodies)
     fronts = {}
@@ -561,7 +593,7 @@ def run_cpu_part(stack: Stack, wrk_bin: str, rounds: int, duration: int, log) ->
             "rps": {k: round(statistics.median(v)) for k, v in rps.items()},
             "ratio_median": round(statistics.median(ratios), 3), "ratios": [round(x, 3) for x in ratios],
             "jit_ratio_median": round(statistics.median(jit_ratios), 3), "jit_ratios": [round(x, 3) for x in jit_ratios],
-            "failed": failed, "body_bytes": round(statistics.fmean(len(l) for l in bodies.read_text().splitlines()))}
+            "failed": failed, "backends": backends.kind, "key_regex_alone_us": key_regex_alone(bodies), "body_bytes": round(statistics.fmean(len(l) for l in bodies.read_text().splitlines()))}
 
 
 # --- targets and report ------------------------------------------------------------------------
@@ -644,7 +676,9 @@ def cpu_markdown(results: dict, command: str) -> str:
             **CONTROLS}
     lines = [
         _machine_line(results, command), "",
-        f"Stand-ins: 4 vfgen-fake-vllm (no service time); wrk, 16 connections, chat bodies of {cpu['body_bytes']} "
+        ("Stand-ins: 4 vfgen-fake-vllm (no service time)" if cpu.get("backends", "fake-vllm") == "fake-vllm" else
+         "Backends: 4 static nginx servers (answer at once, never the bottleneck)") + "; wrk,"
+        f" 16 connections, chat bodies of {cpu['body_bytes']} "
         f"bytes on average; {len(rounds['least_conn'])} interleaved rounds; nginx CPU time (master and workers) "
         "per request, median of the rounds; the ratio is the median of the per-round ratios to the baseline.", "",
         "| front | what it is | nginx CPU per request | ratio | req/s | failed |", "|---|---|---|---|---|---|",
@@ -654,8 +688,10 @@ def cpu_markdown(results: dict, command: str) -> str:
         ratio = "" if name == base[name] else f"{statistics.median(ratios):.3f} (to {base[name]})"
         lines.append(f"| {name} | {what.get(name, name)} | {us[name]} µs | {ratio} | {rps[name]} | "
                      f"{cpu['failed'][name]} |")
+    alone = cpu["key_regex_alone_us"]
     lines += ["", f"prefix / least_conn per round: {', '.join(str(x) for x in cpu['ratios'])}; with JIT: "
-                  f"{', '.join(str(x) for x in cpu['jit_ratios'])}.", "",
+                  f"{', '.join(str(x) for x in cpu['jit_ratios'])}. The key regexes alone (libpcre2-8 in process, "
+                  f"the same bodies): {alone['interpreted']} µs per body interpreted, {alone['jit']} µs JIT-compiled.", "",
               *_targets_table([t for t in results["targets"] if t.get("part") == "cpu"])]
     return "\n".join(lines) + "\n"
 
@@ -696,6 +732,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench prefix", description=__doc__.splitlines()[0])
     parser.add_argument("--stand-in-only", action="store_true", help="only part 2 (dispatcher CPU, no vLLM)")
     parser.add_argument("--vllm-only", action="store_true", help="only part 1 (real vLLM)")
+    parser.add_argument("--static-backends", action="store_true",
+                        help="part 2 against static nginx backends instead of the stand-ins (implies --out-dir or "
+                             "--no-write: the docs block is the stand-ins')")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of part 1 (default 2)")
     parser.add_argument("--cpu-rounds", type=int, default=6, help="interleaved rounds of part 2 (default 6)")
     parser.add_argument("--duration", type=int, default=3, help="seconds of each part-2 run (default 3)")
@@ -711,6 +750,10 @@ def main(argv: list[str]) -> int:
     from bench.__main__ import which
 
     args = parse_args(argv)
+    if args.static_backends and not (args.out_dir or args.no_write):
+        print("bench prefix: --static-backends needs --out-dir DIR or --no-write (the docs block is the stand-ins')",
+              file=sys.stderr)
+        return 2
     nginx_bin, wrk_bin = which("nginx"), which("wrk")
     if nginx_bin is None or wrk_bin is None:
         print("bench prefix: needs nginx and wrk; run scripts/install-bench.sh", file=sys.stderr)
@@ -731,7 +774,7 @@ def main(argv: list[str]) -> int:
         if not args.stand_in_only:
             results["vllm"] = run_vllm_part(stack, Workload(concurrency=args.concurrency), args.rounds, log)
         if not args.vllm_only:
-            results["cpu"] = run_cpu_part(stack, wrk_bin, args.cpu_rounds, args.duration, log)
+            results["cpu"] = run_cpu_part(stack, wrk_bin, args.cpu_rounds, args.duration, log, args.static_backends)
         ok = True
     finally:
         procs.stop_all()
