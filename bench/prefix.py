@@ -475,8 +475,8 @@ def run_wrk_chat(wrk_bin: str, url: str, bodies: Path, duration: int, connection
     return data["requests"], data["errors"]
 
 
-KEY_MAP = re.compile(r"^map \$request_body (\$\w+_prefix) \{\n.*?^\}\n", re.M | re.S)
-HASH_KEY = re.compile(r'^(    hash )"[^"\n]*"( consistent;)$', re.M)
+KEY_MAP = re.compile(r"^map \$request_body (\$\w+_prefix) \{\n.*?^\}\n", re.MULTILINE | re.DOTALL)
+HASH_KEY = re.compile(r'^(    hash )"[^"\n]*"( consistent;)$', re.MULTILINE)
 JIT = "pcre_jit on;\n"  # main context only: nginx refuses it inside http{}
 # Controls: what each part of prefix routing costs on its own.
 CONTROLS = {
@@ -499,7 +499,7 @@ def control_configs(least_conn: str, prefix: str) -> dict[str, str]:
     if found is None or hashes != 1 or "server {\n" not in least_conn:
         raise RuntimeError("the rendered prefix config no longer has the expected key map and hash line")
     key_map, var = found.group(0), found.group(1)
-    empty_map = re.sub(r'^    "~.*\n', "", key_map, flags=re.M)
+    empty_map = re.sub(r'^    "~.*\n', "", key_map, flags=re.MULTILINE)
 
     def read_by_least_conn(block: str) -> str:
         # add_header reads the key once per response, after the body was read, as the hash upstream would.
