@@ -518,7 +518,7 @@ def key_regex_alone(bodies: Path, rounds: int = 30) -> dict[str, float]:
     ctypes call itself), interpreted and JIT-compiled.
     """
     from tests.harness import pcre2
-    from vfgen.render import KEY_REGEXES
+    from vfgen.plan import KEY_REGEXES
 
     subjects = [line.encode() for line in bodies.read_text().splitlines()]
     out = {}
