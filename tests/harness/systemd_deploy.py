@@ -5,7 +5,9 @@
 - `prepare()` creates the service user, lets it reach this Python environment
   (bound read-only from the host) and creates fake NVIDIA device nodes;
 - `install()` runs `vfgen render ... --output-dir /` inside the container, with
-  the stand-in vLLM as `--vllm-bin`, then `systemctl daemon-reload`;
+  the stand-in vLLM as `--vllm-bin`, then `systemctl daemon-reload`. A `Spec`
+  with `models` is a deployment FILE (several models, `ModelEntry`): `stage()`
+  writes it to /etc/vfgen/NAME.yaml inside and returns `-f` that path;
 - `start()` runs `systemctl start <name>.target`, bounded, and raises with every
   unit's status and journal when it fails.
 
@@ -26,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+import yaml
 
 from tests.harness.nspawn import REPO_FOR_SERVICES, Container, python_env_binds
 from tests.harness.tools import missing
@@ -54,8 +58,31 @@ class DeploymentError(AssertionError):
 
 
 @dataclass(frozen=True)
+class ModelEntry:
+    """One model of a deployment file: `org/KEY`, served as KEY; its units are NAME-KEY-N."""
+
+    key: str
+    instances: int = 2
+    gpus: tuple[str, ...] = ("0",)
+    share: float | None = None  # gpu_memory_utilization; None: auto (budget / instances on the GPU)
+    max_batch_size: int = 8
+    vllm_args: tuple[str, ...] = ()
+
+    def mapping(self, env: dict[str, str]) -> dict[str, Any]:
+        entry: dict[str, Any] = {"model": f"org/{self.key}", "served_model_name": self.key, "instances": self.instances,
+                                 "gpus": list(self.gpus), "max_batch_size": self.max_batch_size, "env": env}
+        if self.share is not None:
+            entry["gpu_memory_utilization"] = self.share
+        if self.vllm_args:
+            entry["extra_args"] = list(self.vllm_args)
+        return entry
+
+
+@dataclass(frozen=True)
 class Spec:
-    """What to render: one model, `instances` instances spread over `cuda_devices` (fake ids)."""
+    """What to render: one model, `instances` instances spread over `cuda_devices` (fake ids);
+    or, with `models`, a deployment file of those models (model, instances, cuda_devices,
+    max_batch_size and vllm_args then come from each entry)."""
 
     name: str = "vt"
     model: str = "Qwen/Qwen3-0.6B"
@@ -68,18 +95,44 @@ class Spec:
     latency: float = 0.0
     shutdown_timeout: int = 5
     start_timeout: int = 60
+    lock_timeout: int | None = None  # None: vfgen's default, which grows with the instances sharing a GPU
     extra_env: tuple[str, ...] = ()
     max_batch_size: int = 32
     vllm_args: tuple[str, ...] = ()  # after `--`, passed to every instance
     env_file: str | None = None  # written by prepare(), root-only, holding SECRET_ENV
+    models: tuple[ModelEntry, ...] = ()  # non-empty: a deployment file (see deploy_file)
 
-    def render_args(self) -> list[str]:
+    @property
+    def file_path(self) -> str:
+        return f"/etc/vfgen/{self.name}.yaml"
+
+    def _env(self) -> list[str]:
         # PYTHONPATH: the units' PrivateTmp hides an editable checkout under /tmp (see nspawn.REPO_FOR_SERVICES).
         env = [f"VFGEN_FAKE_STARTUP_DELAY={self.startup_delay:g}", f"VFGEN_FAKE_EVENT_LOG={EVENT_LOG}",
                f"PYTHONPATH={REPO_FOR_SERVICES}"]
         if self.latency:
             env.append(f"VFGEN_FAKE_LATENCY={self.latency:g}")
-        env += list(self.extra_env)
+        return env + list(self.extra_env)
+
+    def deploy_file(self) -> str:
+        """The deployment file of `models`, with what render_args() passes as flags for one model."""
+        env = dict(pair.split("=", 1) for pair in self._env())
+        data: dict[str, Any] = {
+            "name": self.name, "port": self.port, "port_start": self.port_start, "user": self.user,
+            "vfgen_bin": str(VFGEN_BIN), "vllm_bin": str(FAKE_VLLM_BIN),
+            "timeouts": {"start": self.start_timeout, "shutdown": self.shutdown_timeout,
+                         **({"lock": self.lock_timeout} if self.lock_timeout is not None else {})},
+            "models": [m.mapping(dict(env)) for m in self.models],
+        }
+        if self.env_file:
+            for entry in data["models"]:
+                entry["env_file"] = self.env_file
+        return yaml.safe_dump(data, sort_keys=False)
+
+    def render_args(self) -> list[str]:
+        if self.models:
+            return ["-f", self.file_path]
+        env = self._env()
         args = [
             self.model, "--name", self.name, "-n", str(self.instances), "--cuda-devices", self.cuda_devices,
             "--port", str(self.port), "--port-start", str(self.port_start), "--user", self.user,
@@ -90,6 +143,8 @@ class Spec:
             args += ["--env", pair]
         if self.env_file:
             args += ["--env-file", self.env_file]
+        if self.lock_timeout is not None:
+            args += ["--lock-timeout", str(self.lock_timeout)]
         args += ["--max-batch-size", str(self.max_batch_size)]
         return args + (["--", *self.vllm_args] if self.vllm_args else [])
 
@@ -152,9 +207,29 @@ class SystemdDeployment:
         )
         self.container.run(["python3", "-c", script, *parents])
 
+    def stage(self, spec: Spec) -> list[str]:
+        """The vfgen arguments of `spec`; a deployment file is written in the container first."""
+        if spec.models:
+            self.container.write_file(spec.file_path, spec.deploy_file())
+        return spec.render_args()
+
+    def replan(self, spec: Spec) -> None:
+        """Make `spec` the one the observation helpers describe (after an apply of it)."""
+        args = self.stage(spec)
+        split = args.index("--") if "--" in args else len(args)  # what follows `--` belongs to vLLM
+        args = [*args[:split], "--json", *args[split:]]
+        if spec.models:  # the file lives in the container
+            out = self.container.run([str(VFGEN_BIN), "plan", *args], check=False)
+            if out.returncode != 0:
+                raise DeploymentError(f"vfgen plan failed inside the container:\n{out.stderr}")
+            self.plan = json.loads(out.stdout)
+        else:
+            self.plan = json.loads(_host(["plan", *args]))
+        self.spec = spec
+
     def install(self) -> None:
         """`vfgen render --output-dir /` inside, then daemon-reload and enable, as docs/systemd.md says."""
-        self.plan = json.loads(_host(["plan", *self.spec.render_args(), "--json"]))
+        self.replan(self.spec)
         result = self.container.run([str(VFGEN_BIN), "render", *self.spec.render_args(), "--output-dir", "/"], check=False)
         if result.returncode != 0:
             raise DeploymentError(f"vfgen render failed inside the container:\n{result.stdout}\n{result.stderr}")
