@@ -25,6 +25,8 @@ from vfgen.errors import ConfigError, PlanError
 LOCK_RELEASE_MARGIN_S = 30
 # systemd TimeoutStartSec beyond the launcher's own waits: exec, Python start-up, probes.
 UNIT_START_MARGIN_S = 60
+# uvicorn's --timeout-keep-alive default, which `vllm serve` keeps: idle connections close after it.
+VLLM_IDLE_TIMEOUT_S = 5
 
 
 # nginx hashes variable names into 64-byte buckets (variables_hash_bucket_size, set in
@@ -109,6 +111,7 @@ class Pool:
     servers: tuple[str, ...]  # host:port, one per backend instance
     cap: int  # max_conns per server = the model's max batch size
     overflow_cap: int | None  # max_conns of backup entries; None = no cap; 0 = no backup entries
+    max_fails: int  # max_fails of the capped entries (passive health check: one failure marks a server failed)
     backup_max_fails: int  # max_fails of the backup entries (0: never marked failed)
     # Every backend once, never marked failed (max_fails=0), tried when the pool has no live
     # server; None in bounded mode (--max-queue), where its own max_conns counters would break the bound.
@@ -116,6 +119,7 @@ class Pool:
     served_names: tuple[str, ...]
     source: str
     keepalive: int  # idle connections each nginx worker keeps to this pool
+    keepalive_timeout: int  # seconds an idle connection to a backend is kept
     adapters: tuple[Adapter, ...] = ()  # LoRA adapters: their names route to this pool too
     lora: bool = False  # instances run with --enable-lora (the load/unload endpoints exist)
     # Servers rendered `down` (no new requests): only while `vfgen apply` drains,
@@ -760,6 +764,9 @@ def _pool(d: Deployment, m: ModelSpec, instances: list[Instance]) -> Pool:
         servers=servers,
         cap=m.max_batch_size,
         overflow_cap=d.max_queue,
+        # One failed request (refused connect, 5xx before any byte) takes a server out for
+        # fail_timeout: the next request goes elsewhere instead of failing the same way.
+        max_fails=1,
         # Bounded overflow has no last-resort pool, so its capped backups must stay usable after
         # an outage marked every server failed: they are never marked failed, and a dead backend
         # costs an overflow request one refused connect (docs/operations.md, Recovery).
@@ -771,6 +778,9 @@ def _pool(d: Deployment, m: ModelSpec, instances: list[Instance]) -> Pool:
         # Enough idle connections to reuse one per in-flight request; capped so a
         # large pool cannot exhaust the backends' file descriptors.
         keepalive=min(m.max_batch_size * len(servers), 512),
+        # vLLM (uvicorn) closes idle connections after 5 s; nginx drops its own first, so a
+        # request is never written to a connection the backend is closing.
+        keepalive_timeout=VLLM_IDLE_TIMEOUT_S - 1,
         adapters=tuple(Adapter(a.name, a.path, a.base_model_name or m.served_names[0]) for a in m.lora_modules),
         lora=m.enable_lora,
     )
