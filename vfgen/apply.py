@@ -36,8 +36,8 @@ import requests
 
 from vfgen import manifest as mf
 from vfgen.errors import VfgenError
-from vfgen.plan import Plan
-from vfgen.render import Artefact, render_nginx
+from vfgen.plan import Plan, build_plan
+from vfgen.render import Artefact, render_file, render_nginx
 
 EPS = 1e-9
 DRAIN_QUIET_S = 1.0  # no request finished and none in flight for this long: drained
@@ -65,10 +65,19 @@ class Inst:
     start_order: int
     fingerprint: str  # sha256 of its unit file or supervisord program section
     argv: tuple[str, ...]
+    # sha256 of the same text with the start-time settings at fixed values: what a RUNNING
+    # instance depends on. "" (a manifest written before it existed): the full fingerprint.
+    run_fingerprint: str = ""
+    start_settings: tuple[tuple[str, int], ...] = ()  # (label, seconds) of those settings, for the reasons
+
+    @property
+    def running_fingerprint(self) -> str:
+        return self.run_fingerprint or self.fingerprint
 
     def record(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["gpus"], data["argv"] = list(self.gpus), list(self.argv)
+        data["start_settings"] = dict(self.start_settings)
         return data
 
     @classmethod
@@ -76,8 +85,10 @@ class Inst:
         try:
             return cls(str(data["name"]), str(data["model"]), tuple(str(g) for g in data["gpus"]), float(data["share"]),
                        int(data["port"]), str(data["server"]), str(data["url"]), str(data["served_name"]),
-                       int(data["start_order"]), str(data["fingerprint"]), tuple(str(a) for a in data["argv"]))
-        except (KeyError, TypeError, ValueError) as exc:
+                       int(data["start_order"]), str(data["fingerprint"]), tuple(str(a) for a in data["argv"]),
+                       str(data.get("run_fingerprint") or ""),
+                       tuple((str(k), int(v)) for k, v in (data.get("start_settings") or {}).items()))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ApplyError(f"the manifest's instance record {data.get('name')!r} is incomplete ({exc!r})") from None
 
 
@@ -91,22 +102,53 @@ def program_section(conf: str, name: str) -> str:
     return conf[start:end if end >= 0 else len(conf)]
 
 
-def instances_of(plan: Plan, arts: Iterable[Artefact]) -> list[Inst]:
-    """The plan's instances with the fingerprint of what was rendered for each."""
+def _instance_texts(plan: Plan, arts: Iterable[Artefact]) -> dict[str, str]:
+    """Each instance's unit file (systemd) or program section (supervisord), as rendered."""
     d = plan.deployment
     by_path = {a.path: a for a in arts}
+    out = {}
+    for i in plan.instances:
+        if d.backend == "systemd":
+            art = by_path.get(f"etc/systemd/system/{i.unit}")
+            out[i.name] = art.content if art else ""
+        else:
+            art = by_path.get(f"etc/supervisor/conf.d/{d.name}.conf")
+            out[i.name] = program_section(art.content, i.name) if art else ""
+    return out
+
+
+# Start-time settings: read only while an instance starts (the launcher's lock wait and start
+# deadline, ExecStartPost's health wait, systemd's TimeoutStartSec). The running fingerprint
+# renders them at these fixed values, so a change of them alone restarts nothing.
+_FIXED_START_TIMEOUT_S = 1
+_FIXED_LOCK_TIMEOUT_S = 0
+
+
+def _running_texts(plan: Plan) -> dict[str, str]:
+    """The instances' texts from the same deployment with the start-time settings fixed."""
+    d = plan.deployment
+    fixed = dataclasses.replace(d, timeouts=dataclasses.replace(d.timeouts, start=_FIXED_START_TIMEOUT_S,
+                                                                 lock=_FIXED_LOCK_TIMEOUT_S))
+    # nginx=False: no API key file read; the units and programs do not depend on the dispatcher.
+    again = build_plan(fixed, nginx=False)
+    role = "unit" if d.backend == "systemd" else "supervisord"
+    arts = [render_file(again, f, dispatcher=False) for f in again.files if f.role == role]
+    return _instance_texts(again, arts)
+
+
+def instances_of(plan: Plan, arts: Iterable[Artefact]) -> list[Inst]:
+    """The plan's instances with the fingerprints of what was rendered for each."""
+    texts = _instance_texts(plan, arts)
+    running = _running_texts(plan)
     servers = {name: server for pool in plan.pools
                for name, server in zip((i.name for i in plan.instances_of(pool.model)), pool.servers)}
     out = []
     for i in plan.instances:
-        if d.backend == "systemd":
-            art = by_path.get(f"etc/systemd/system/{i.unit}")
-            text = art.content if art else ""
-        else:
-            art = by_path.get(f"etc/supervisor/conf.d/{d.name}.conf")
-            text = program_section(art.content, i.name) if art else ""
+        settings = (("lock timeout", i.lock_timeout), ("start timeout", i.start_timeout),
+                    ("TimeoutStartSec", i.unit_start_timeout))
         out.append(Inst(i.name, i.model, i.gpus, float(i.memory_share), i.port, servers.get(i.name, f"{i.host}:{i.port}"),
-                        i.url, i.served_name, i.start_order, mf.sha256(text), i.vllm_argv))
+                        i.url, i.served_name, i.start_order, mf.sha256(texts[i.name]), i.vllm_argv,
+                        mf.sha256(running[i.name]), settings))
     return out
 
 
@@ -119,7 +161,7 @@ def instance_records(plan: Plan, arts: Iterable[Artefact]) -> tuple[dict[str, An
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # check | drain | stop | remove | write | reload | restart | start
+    kind: str  # check | drain | stop | remove | write | reload | restart | update | start
     target: str  # instance name, file path, or process manager / nginx
     reason: str
     gpu_totals: tuple[tuple[str, float], ...] = ()  # share sum per GPU once this action is done
@@ -141,6 +183,7 @@ class ApplyPlan:
     budget: float
     peak: tuple[tuple[str, float], ...]  # highest share sum per GPU over the whole sequence
     notes: tuple[str, ...] = ()  # unsafe orders and other costs, said before anything runs
+    updated: tuple[str, ...] = ()  # only start-time settings changed: files rewritten, not restarted
 
     @property
     def empty(self) -> bool:
@@ -169,6 +212,13 @@ def _diff(old: Inst, new: Inst) -> str:
     return ", ".join(parts) or "unit/program settings changed"
 
 
+def _start_diff(old: Inst, new: Inst) -> str:
+    before = dict(old.start_settings)
+    parts = [f"{label} {before[label]} -> {value} s" for label, value in new.start_settings
+             if label in before and before[label] != value]
+    return ", ".join(parts) or "start-time settings"
+
+
 def plan_apply(old: Iterable[Inst], new: Iterable[Inst], budget: float, *, start_timeout: float = 0.0,
                dispatcher: bool = True, backend: str = "systemd", conf: str | None = None,
                early_files: Iterable[str] = (), final_files: Iterable[str] = (), stale: Iterable[str] = (),
@@ -183,7 +233,10 @@ def plan_apply(old: Iterable[Inst], new: Iterable[Inst], budget: float, *, start
     new_list = sorted(new, key=lambda i: (i.start_order, i.name))
     new_by = {i.name: i for i in new_list}
     removed = sorted((i for n, i in old_by.items() if n not in new_by), key=lambda i: (-i.start_order, i.name))
-    changed = [i for i in new_list if i.name in old_by and old_by[i.name].fingerprint != i.fingerprint]
+    differs = [i for i in new_list if i.name in old_by and old_by[i.name].fingerprint != i.fingerprint]
+    # What a running instance depends on is the same: only values read while it starts changed.
+    updated = [i for i in differs if old_by[i.name].running_fingerprint == i.running_fingerprint]
+    changed = [i for i in differs if i not in updated]
     added = [i for i in new_list if i.name not in old_by]
     unchanged = [i.name for i in new_list if i.name in old_by and old_by[i.name].fingerprint == i.fingerprint]
 
@@ -222,7 +275,7 @@ def plan_apply(old: Iterable[Inst], new: Iterable[Inst], budget: float, *, start
                      + ", ".join(f"GPU {g} {v:.2f}" for g, v in sorted(over.items())) + "; the stops below bring them under it")
     if dispatcher and busy:
         record("check", "nginx", "nginx -t on the new config before anything changes; the running one is put back")
-    if backend == "supervisord" and (conf or removed or changed or added):
+    if backend == "supervisord" and (conf or removed or changed or added or updated):
         if conf:
             record("write", conf, "every program's new settings; supervisord keeps running the old ones until `update NAME`")
         record("reload", "supervisord", "supervisorctl reread: load the conf without touching a program")
@@ -274,12 +327,18 @@ def plan_apply(old: Iterable[Inst], new: Iterable[Inst], budget: float, *, start
         running[inst.name] = inst
         why = "new instance" if inst in added else f"stopped earlier to make room; now at {inst.share:.2f}"
         record("start", inst.name, f"{why}; healthy before the next")
+    for inst in updated:
+        how = ("unit rewritten, takes effect at its next start (daemon-reload below)" if backend == "systemd" else
+               "conf rewritten and reread; supervisord keeps the old start settings until the program's next "
+               "`update` (a manual `supervisorctl update` would restart it)")
+        record("update", inst.name, f"only start-time settings changed ({_start_diff(old_by[inst.name], inst)}): "
+                                    f"{how}; no restart")
 
     for path in final_files:
         record("write", path, "changed, no process depends on it")
     for path in stale:
         record("remove", path, "stale: vfgen wrote it, the deployment no longer has it")
-    if backend == "systemd" and (removed or changed or added or final_files or stale):
+    if backend == "systemd" and (removed or changed or added or updated or final_files or stale):
         record("reload", "systemd", "systemctl daemon-reload, enable the target")
     if dispatcher and (busy or final_files or stale):
         record("reload", "nginx", "the final config: nginx -t, then reload")
@@ -293,7 +352,7 @@ def plan_apply(old: Iterable[Inst], new: Iterable[Inst], budget: float, *, start
         notes.append("no dispatcher (a single instance serves the port itself): requests fail while it restarts")
     return ApplyPlan(tuple(actions), tuple(i.name for i in removed), tuple(i.name for i in changed),
                      tuple(i.name for i in added), tuple(unchanged), budget,
-                     tuple(sorted(peak.items())), tuple(notes))
+                     tuple(sorted(peak.items())), tuple(notes), tuple(i.name for i in updated))
 
 
 def fits_after_stop(inst: Inst, running: dict[str, Inst], fits: Callable[[Inst], bool]) -> bool:
@@ -562,6 +621,13 @@ class Executor:
                 self.save_state()
                 # nginx serves it from the next reload on (the next drain's, or the final one):
                 # one reload per step, never two back to back (see nginx_update).
+            elif action.kind == "update":
+                # No stop, no start: the new unit file (systemd; the daemon-reload action loads it)
+                # or the reread conf (supervisord) applies at the instance's next start.
+                if self.d.backend == "systemd":
+                    self.write([self._art(f"etc/systemd/system/{name}.service")])
+                self.state[name] = self.new[name]
+                self.save_state()
             elif action.kind == "write":
                 self.write([self._art(name)])
             elif action.kind == "remove":
@@ -633,6 +699,7 @@ def format_plan(ap: ApplyPlan, root: Path | None = None) -> str:
     lines = [f"note: {note}" for note in ap.notes]
     lines += [action.line(root) for action in ap.actions]
     peak = ", ".join(f"GPU {g} {v:.2f}" for g, v in ap.peak)
-    lines.append(f"summary: {len(ap.removed)} removed, {len(ap.changed)} changed, {len(ap.added)} new, "
+    lines.append(f"summary: {len(ap.removed)} removed, {len(ap.changed)} changed, {len(ap.updated)} updated, "
+                 f"{len(ap.added)} new, "
                  f"{len(ap.unchanged)} unchanged; peak share sum {peak or '-'} (budget {ap.budget:.2f})")
     return "\n".join(lines) + "\n"

@@ -246,7 +246,7 @@ def test_apply_adds_and_removes_a_model_of_a_deployment_file_under_load(systemd_
         # b added: started one at a time, each healthy before the next; served from the final reload.
         out, replies = _apply_with_loads(sd, both, tmp_path, loads)
         assert _steps(out) == [["start", "mm-b-0"], ["start", "mm-b-1"]], out
-        assert "summary: 0 removed, 0 changed, 2 new, 2 unchanged" in out, out
+        assert "summary: 0 removed, 0 changed, 2 updated, 2 new, 0 unchanged" in out, out
         _only_200(replies["a"], at_least=50)
         _200_or_unknown_model(replies["b"])  # 404 until nginx serves b, then 200: never a 5xx of a b not yet healthy
         _assert_converged(sd, both)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from vfgen.apply import ApplyError, Inst, plan_apply
+from vfgen.apply import ApplyError, Inst, format_plan, instances_of, plan_apply
+from vfgen.config import parse_deployment
+from vfgen.plan import build_plan
+from vfgen.render import render_all
 
 BUDGET = 0.92
 
@@ -164,3 +169,71 @@ def test_file_and_reload_actions_frame_the_instance_steps():
     assert kinds[-3:] == [("write", "etc/prometheus/file_sd/vllm.json"), ("remove", "etc/old.conf"), ("reload", "nginx")]
     plan = plan_apply(old, new, BUDGET, backend="systemd")
     assert ("reload", "systemd") in [(a.kind, a.target) for a in plan.actions]
+
+
+def _start_only(i: Inst, lock: int, run_fp: str = "run") -> Inst:
+    return dataclasses.replace(i, fingerprint=f"{i.fingerprint}-lock{lock}", run_fingerprint=run_fp,
+                               start_settings=(("lock timeout", lock), ("start timeout", 30), ("TimeoutStartSec", lock + 90)))
+
+
+def test_only_start_time_settings_changed_updates_without_a_restart_next_to_a_real_change_that_restarts():
+    old = [_start_only(inst("vllm-m-0", 0.2), 90), _start_only(inst("vllm-m-1", 0.2, order=2), 90)]
+    # Instance 0: only its lock timeout grew (another model joined its GPU). Instance 1: its share changed too.
+    new = [_start_only(inst("vllm-m-0", 0.2), 270),
+           _start_only(inst("vllm-m-1", 0.3, order=2, fp="b"), 270, run_fp="run-b")]
+    plan = plan_apply(old, new, BUDGET)
+    assert plan.updated == ("vllm-m-0",) and plan.changed == ("vllm-m-1",) and not plan.unchanged
+    assert steps(plan) == [("drain", "vllm-m-1"), ("restart", "vllm-m-1")]
+    update = next(a for a in plan.actions if a.kind == "update")
+    assert update.target == "vllm-m-0"
+    assert update.reason.startswith("only start-time settings changed (lock timeout 90 -> 270 s, TimeoutStartSec 180 -> 360 s)")
+    assert "no restart" in update.reason and "next start" in update.reason
+    assert ("reload", "systemd") in [(a.kind, a.target) for a in plan.actions]
+    assert "summary: 0 removed, 1 changed, 1 updated, 0 new, 0 unchanged" in format_plan(plan)
+
+
+def test_a_start_time_update_under_supervisord_rereads_and_says_the_old_settings_stay_in_memory():
+    old = [_start_only(inst("vllm-m-0", 0.2), 90)]
+    plan = plan_apply(old, [_start_only(inst("vllm-m-0", 0.2), 270)], BUDGET, backend="supervisord",
+                      conf="etc/supervisor/conf.d/vllm.conf", dispatcher=False)
+    assert [(a.kind, a.target) for a in plan.actions] == [
+        ("write", "etc/supervisor/conf.d/vllm.conf"), ("reload", "supervisord"), ("update", "vllm-m-0")]
+    reason = plan.actions[-1].reason
+    assert "keeps the old start settings until the program's next `update`" in reason
+    assert "a manual `supervisorctl update` would restart it" in reason
+    assert not plan.notes  # nothing goes down, not even a one-instance model
+
+
+def test_a_manifest_without_the_running_fingerprint_restarts_as_before():
+    record = _start_only(inst("vllm-m-0", 0.2), 90).record()
+    del record["run_fingerprint"], record["start_settings"]
+    old = Inst.from_record(record)
+    assert old.running_fingerprint == old.fingerprint
+    plan = plan_apply([old], [_start_only(inst("vllm-m-0", 0.2), 270)], BUDGET)
+    assert plan.changed == ("vllm-m-0",) and not plan.updated
+    assert Inst.from_record(_start_only(inst("vllm-m-0", 0.2), 90).record()) == _start_only(inst("vllm-m-0", 0.2), 90)
+
+
+@pytest.mark.parametrize("backend", ["systemd", "supervisord"])
+def test_a_model_added_to_a_shared_gpu_changes_only_the_other_models_start_time_settings(backend):
+    def fleet_of(*keys: str, share: float = 0.2, **timeouts: int) -> list[Inst]:
+        raw = {"name": "mm", "backend": backend, "timeouts": {"start": 30, **timeouts},
+               "models": [{"model": f"org/{k}", "served_model_name": k, "instances": 2, "gpus": [1],
+                           "gpu_memory_utilization": share} for k in keys]}
+        plan = build_plan(parse_deployment(raw))
+        return instances_of(plan, render_all(plan))
+
+    only_a, both = fleet_of("a"), fleet_of("a", "b")
+    assert [i.fingerprint for i in only_a] != [i.fingerprint for i in both[:2]]  # a's files do change
+    plan = plan_apply(only_a, both, BUDGET, backend=backend)
+    assert plan.updated == ("mm-a-0", "mm-a-1") and not plan.changed and plan.added == ("mm-b-0", "mm-b-1")
+    assert "(lock timeout 60 -> 180 s, TimeoutStartSec 150 -> 270 s)" in next(a.reason for a in plan.actions if a.kind == "update")
+    back = plan_apply(both, only_a, BUDGET, backend=backend)
+    assert back.updated == ("mm-a-0", "mm-a-1") and not back.changed and back.removed == ("mm-b-1", "mm-b-0")
+    # An explicit lock or start timeout is a start-time setting too ...
+    assert plan_apply(only_a, fleet_of("a", lock=5), BUDGET, backend=backend).updated == ("mm-a-0", "mm-a-1")
+    assert plan_apply(only_a, fleet_of("a", start=60), BUDGET, backend=backend).updated == ("mm-a-0", "mm-a-1")
+    # ... but a change a running instance depends on still restarts it, even together with one.
+    real = plan_apply(only_a, fleet_of("a", share=0.3, lock=5), BUDGET, backend=backend)
+    assert real.changed == ("mm-a-0", "mm-a-1") and not real.updated
+    assert plan_apply(only_a, fleet_of("a", shutdown=10), BUDGET, backend=backend).changed == ("mm-a-0", "mm-a-1")

@@ -110,7 +110,7 @@ def test_apply_dry_run_prints_the_ordered_plan_and_changes_nothing(tmp_path: Pat
     assert kinds == ["check", "drain", "stop", "drain", "stop", "drain", "restart", "drain", "restart",
                      "write", "write", "reload", "reload", "summary:"], result.stdout
     assert "stop     vllm-m-3  (removed; frees 0.23 on GPU 0" in result.stdout
-    assert "summary: 2 removed, 2 changed, 0 new, 0 unchanged; peak share sum GPU 0 0.92 (budget 0.92)" in result.stdout
+    assert "summary: 2 removed, 2 changed, 0 updated, 0 new, 0 unchanged; peak share sum GPU 0 0.92 (budget 0.92)" in result.stdout
     assert snapshot(tmp_path) == before
 
 
