@@ -224,16 +224,25 @@ def _ports_answering(sd: SystemdDeployment, model: str, count: int = 12) -> set[
     return {int(r["port"]) for r in results}
 
 
+def _assert_start_settings(sd: SystemdDeployment, units: set[str], lock: int) -> None:
+    """The units on disk, and as systemd loaded them (daemon-reload), carry the new lock timeout."""
+    for unit in units:
+        text = sd.container.read_file(f"/etc/systemd/system/{unit}")
+        assert f'"--lock-timeout" "{lock}" ' in text and f"TimeoutStartSec={lock + 30 + 60}\n" in text, (unit, text)
+        assert sd.props(unit, "NeedDaemonReload")["NeedDaemonReload"] == "no", f"{unit}: systemd runs an older unit file"
+
+
 def test_apply_adds_and_removes_a_model_of_a_deployment_file_under_load(systemd_host: Container, tmp_path: Path) -> None:
     """Model b added to a file serving a, then removed, under load on both: a never fails and is never
-    restarted; b is started health-gated, then routed by "model"; removed, it is drained, stopped and pruned."""
+    restarted, though its default lock timeout changes (its units are rewritten and reloaded); b is
+    started health-gated, then routed by "model"; removed, it is drained, stopped and pruned."""
     c = systemd_host
     a = ModelEntry("a", instances=2, gpus=("1",), share=0.2)
     b = ModelEntry("b", instances=2, gpus=("1",), share=0.2)
-    # An explicit lock timeout: the default grows with the instances sharing a GPU, so adding b
-    # would change a's unit files (TimeoutStartSec) and apply would restart a's instances.
+    # vfgen's default lock timeout: it grows with the instances sharing GPU 1 (60 s with a alone,
+    # 180 s with b), so a's unit files change, yet only in start-time settings: a is not restarted.
     only_a = Spec(name="mm", port=18090, port_start=19101, latency=0.05, startup_delay=0.5, shutdown_timeout=3,
-                  start_timeout=30, lock_timeout=90, models=(a,))
+                  start_timeout=30, models=(a,))
     both = dataclasses.replace(only_a, models=(a, b))
     a_units = {"mm-a-0.service", "mm-a-1.service"}
     b_units = {"mm-b-0.service", "mm-b-1.service"}
@@ -246,7 +255,11 @@ def test_apply_adds_and_removes_a_model_of_a_deployment_file_under_load(systemd_
         # b added: started one at a time, each healthy before the next; served from the final reload.
         out, replies = _apply_with_loads(sd, both, tmp_path, loads)
         assert _steps(out) == [["start", "mm-b-0"], ["start", "mm-b-1"]], out
+        assert _steps(out, ("update",)) == [["update", "mm-a-0"], ["update", "mm-a-1"]], out
+        assert "only start-time settings changed (lock timeout 60 -> 180 s" in out, out
         assert "summary: 0 removed, 0 changed, 2 updated, 2 new, 0 unchanged" in out, out
+        _assert_start_settings(sd, a_units, lock=180)
+        assert {unit: sd.props(unit, "MainPID")["MainPID"] for unit in a_units} == a_pids, "a was restarted"
         _only_200(replies["a"], at_least=50)
         _200_or_unknown_model(replies["b"])  # 404 until nginx serves b, then 200: never a 5xx of a b not yet healthy
         _assert_converged(sd, both)
@@ -261,6 +274,8 @@ def test_apply_adds_and_removes_a_model_of_a_deployment_file_under_load(systemd_
         out, replies = _apply_with_loads(sd, only_a, tmp_path, loads)
         assert _steps(out, ("drain", "stop", "restart", "start")) == [
             ["drain", "mm-b-1"], ["stop", "mm-b-1"], ["drain", "mm-b-0"], ["stop", "mm-b-0"]], out
+        assert _steps(out, ("update",)) == [["update", "mm-a-0"], ["update", "mm-a-1"]], out
+        _assert_start_settings(sd, a_units, lock=60)
         assert "mm-b-1: drained" in out and "mm-b-0: drained" in out, out
         _only_200(replies["a"], at_least=50)
         _200_or_unknown_model(replies["b"])  # in flight when b left nginx: finished; after: the JSON 404
