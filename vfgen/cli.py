@@ -345,7 +345,8 @@ def lora_load(
     from vfgen import lora
     from vfgen.plan import build_plan
 
-    raise typer.Exit(lora.change(build_plan(deployment), "load", adapter_name, adapter_path, model=lora_model,
+    # The instances are called directly, never nginx: a GPU host has no API key file to read.
+    raise typer.Exit(lora.change(build_plan(deployment, nginx=False), "load", adapter_name, adapter_path, model=lora_model,
                                  timeout=timeout, out=sys.stdout, err=sys.stderr))
 
 
@@ -361,7 +362,8 @@ def lora_unload(
     from vfgen import lora
     from vfgen.plan import build_plan
 
-    raise typer.Exit(lora.change(build_plan(deployment), "unload", adapter_name, None, model=lora_model,
+    # The instances are called directly, never nginx: a GPU host has no API key file to read.
+    raise typer.Exit(lora.change(build_plan(deployment, nginx=False), "unload", adapter_name, None, model=lora_model,
                                  timeout=timeout, out=sys.stdout, err=sys.stderr))
 
 

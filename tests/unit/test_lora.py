@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests.harness.procs import free_port_range
 from vfgen import memory
 from vfgen.commands import plan_json, plan_table
 from vfgen.config import ConfigError, parse_deployment
@@ -180,3 +183,20 @@ def test_runtime_adapter_names_are_checked_like_declared_ones(tmp_path, name):
         big = adapter_dir(tmp_path, name="big", rank=64)
         with pytest.raises(ConfigError, match="r=64 is above max_lora_rank=16"):
             runtime_adapter(d, d.models[0], name, str(big))
+
+
+@pytest.mark.parametrize("action", ["load", "unload"])
+def test_lora_commands_on_a_gpu_host_need_no_api_key_file(tmp_path, action):
+    # The deployment names a key file that exists only on the load balancer; `lora load`
+    # calls the instances themselves, so it must get as far as them (refused: none runs).
+    deployment = {"api_key_file": str(tmp_path / "on-the-load-balancer-only.keys"), "allow_runtime_lora_updating": True,
+                  "port_start": free_port_range(2), "models": [{"model": "org/chat", "name": "chat", "instances": 2, "enable_lora": True}]}
+    path = tmp_path / "deploy.yaml"
+    path.write_text(json.dumps(deployment))
+    vfgen = str(Path(sys.executable).with_name("vfgen"))
+    words = ("load", "support", str(adapter_dir(tmp_path))) if action == "load" else ("unload", "support")
+    result = subprocess.run([vfgen, "lora", *words, "-f", str(path), "--timeout", "2"], capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "api_key_file" not in output and "api-key-file" not in output, output
+    assert output.count("refused") >= 2, output  # both instances were tried
