@@ -16,8 +16,8 @@ label config must use and a README row. Spelled out per command they were four h
 tables. So they are declared once, as data, in vfgen/options.py, and `deployment_command`
 builds each command's signature from that table: `inspect.Signature` of `Annotated[...,
 typer.Option(...)]` parameters, which typer reads through `inspect.signature` exactly as it
-reads a hand-written function. That is typer's documented API (Annotated options, Literal
-choices, rich_help_panel), nothing of its internals; typer is pinned to its 0.29 series
+reads a hand-written function. That is typer's documented API (Annotated options, a
+`parser` for choices, rich_help_panel), nothing of its internals; typer is pinned to its 0.29 series
 (pyproject.toml) because its 0.x minors change the usage-error texts. Help stays plain text
 (fastapi-cli uses rich): `_PanelCommand`, given through typer's `cls=` hook, prints the
 rich_help_panel groups with click's own formatter.
@@ -29,7 +29,7 @@ import functools
 import inspect
 import sys
 from pathlib import Path
-from typing import Annotated, Any, List, Literal, Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
 from typer.core import TyperCommand
@@ -122,14 +122,25 @@ class _CheckCommand(_PanelCommand):
 _P = inspect.Parameter
 
 
+def _choice(choices: tuple[str, ...]):
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(map(repr, choices))}.")
+        return value
+    return parse
+
+
 def _parameter(o: options.Option) -> inspect.Parameter:
     """One table row as a typer parameter: `name: Annotated[type, typer.Option(...)] = absent`."""
-    base: Any = Literal[o.choices] if o.choices else o.type
-    annotation = List[base] if o.repeat else base
+    annotation: Any = List[o.type] if o.repeat else o.type
     absent = o.absent()
     if absent is None:
         annotation = Optional[annotation]
     common = dict(help=o.help_text(), metavar=o.metavar, show_default=False, rich_help_panel=o.panel)
+    if o.choices:
+        # A parser of our own rather than Literal: typer 0.29 checks Literal through pydantic,
+        # whose message starts "Value error, ". This one says the value and the choices only.
+        common.update(parser=_choice(o.choices), metavar=o.metavar or "<" + "|".join(o.choices) + ">")
     if o.type is Path:
         common.update(file_okay=o.file_okay, dir_okay=o.dir_okay)
     info = typer.Argument(**common) if o.argument else typer.Option(*o.flags, **common)

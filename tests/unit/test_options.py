@@ -133,8 +133,9 @@ def test_model_options_with_a_file_are_refused_by_their_flags() -> None:
 def test_a_value_outside_the_choices_is_a_usage_error_naming_value_and_choices(o: options.Option) -> None:
     result = run("render", "org/m", "-n", "2", o.long, "nope")
     assert result.exit_code == 2, result.output
-    assert f"Invalid value for '{o.long}'" in result.stderr
-    assert "'nope' is not one of " + ", ".join(f"'{c}'" for c in o.choices) in result.stderr
+    # One plain sentence: the flag, the value and the choices (no validator's wording in between).
+    assert (f"Error: Invalid value for '{o.long}': 'nope' is not one of "
+            + ", ".join(f"'{c}'" for c in o.choices) + ".") in result.stderr
     assert "Traceback" not in result.output
 
 
